@@ -1,0 +1,228 @@
+"""The VeRA math (Kopiczko et al., 2024, "VeRA: Vector-based Random Matrix Adaptation").
+
+    h = W0 x + Λb B Λd A x
+
+A (r x in) and B (out x r) are frozen, random and shared by every adapted layer; only the
+vectors d (r, the diagonal of Λd) and b (out, the diagonal of Λb) train. A layer whose
+in/out is smaller than the shared maximum uses the leading slice, as upstream peft does.
+
+Everything else in qvera calls this module. Three choices keep high rank cheap:
+- `A x` is computed once per input tensor and shared by the layers that read it (q/k/v,
+  gate/up), in the forward and, through autograd's accumulation, in the backward;
+- the custom autograd functions save only `A x` (r values a token) for the backward;
+  the gradients of d and b both follow from M = gᵀ(A x) (out x r);
+- when a call has more tokens than in*out/(in+out)-ish, ΔW = Λb B Λd A is folded into the
+  (dequantized) weight so the layer is one matmul; its cost no longer grows with tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import bitsandbytes as bnb
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Kaiming-uniform with a generator, draw for draw what peft's `_kaiming_init` gives."""
+    fan_in = shape[1]
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def generate_projections(rank: int, in_features: int, out_features: int, seed: int):
+    """A (rank x in) then B (out x rank) from one CPU generator: peft's order, so adapters interoperate."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    A = kaiming_uniform((rank, in_features), generator)
+    B = kaiming_uniform((out_features, rank), generator)
+    return A, B
+
+
+def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class SharedProjections(nn.Module):
+    """The frozen A and B, held once per model, plus the per-input cache of `A x`."""
+
+    def __init__(self, rank: int, in_features: int, out_features: int, seed: int):
+        super().__init__()
+        self.rank, self.seed = rank, seed
+        A, B = generate_projections(rank, in_features, out_features, seed)
+        # Not persistent: they are regenerated from the seed, never saved.
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("B", B, persistent=False)
+        self._casts: dict = {}
+        self._last_input: tuple | None = None
+
+    def _apply(self, fn, recurse=True):
+        self._casts.clear()
+        self._last_input = None
+        return super()._apply(fn, recurse)
+
+    def sliced(self, in_features: int, out_features: int, dtype: torch.dtype):
+        """A[:, :in] and B[:out] in `dtype`, cast once and kept: casting per call would allocate."""
+        key = (in_features, out_features, dtype)
+        if key not in self._casts:
+            self._casts[key] = (
+                self.A[:, :in_features].to(dtype).contiguous(),
+                self.B[:out_features].to(dtype).contiguous(),
+            )
+        return self._casts[key]
+
+    def project(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """`A x`, reused when the same input tensor comes again (q/k/v, gate/up read one `x`)."""
+        key = (x._version, A.shape, A.dtype, torch.is_grad_enabled())
+        if self._last_input is not None:
+            ref, last_key, ax = self._last_input
+            if ref() is x and last_key == key:
+                return ax
+        ax = ProjectDown.apply(x.to(A.dtype), A)
+        self._last_input = (weakref.ref(x), key, ax)
+        return ax
+
+
+class ProjectDown(torch.autograd.Function):
+    """`A x` saving nothing: A is frozen, and the input gradient needs only A."""
+
+    @staticmethod
+    def forward(ctx, x, A):
+        ctx.A = A
+        return F.linear(x, A)
+
+    @staticmethod
+    def backward(ctx, grad_ax):
+        return grad_ax @ ctx.A, None
+
+
+def _vector_grads(grad_out, ax, lambda_d, lambda_b, B):
+    """∂/∂d and ∂/∂b from M = gᵀ(A x): d_k = Σ_o b_o B_ok M_ok, b_o = Σ_k B_ok d_k M_ok."""
+    M = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ ax.reshape(-1, ax.shape[-1])).float()
+    BM = B.float() * M
+    return BM.t() @ lambda_b, BM @ lambda_d
+
+
+class VeraDelta(torch.autograd.Function):
+    """b * (B (d * A x)) from a precomputed `A x`; saves only `A x` and the two vectors."""
+
+    @staticmethod
+    def forward(ctx, ax, lambda_d, lambda_b, B):
+        ctx.B = B
+        ctx.save_for_backward(ax, lambda_d, lambda_b)
+        return F.linear(ax * lambda_d.to(ax.dtype), B) * lambda_b.to(ax.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ax, lambda_d, lambda_b = ctx.saved_tensors
+        B = ctx.B
+        grad_ax = (grad_out * lambda_b.to(grad_out.dtype)) @ B * lambda_d.to(grad_out.dtype)
+        grad_d, grad_b = _vector_grads(grad_out, ax, lambda_d, lambda_b, B)
+        return grad_ax, grad_d, grad_b, None
+
+
+def delta_weight(lambda_d, lambda_b, A, B) -> torch.Tensor:
+    """ΔW = Λb B Λd A (out x in), in A's dtype."""
+    return (B * lambda_b.to(B.dtype)[:, None] * lambda_d.to(B.dtype)) @ A
+
+
+class FoldedVeraLinear(torch.autograd.Function):
+    """(W0 + ΔW) x as one matmul. Saves `A x` for the vector gradients; W0 + ΔW is rebuilt in
+    the backward rather than kept, since it is as large as the layer's weight."""
+
+    @staticmethod
+    def forward(ctx, x, ax, lambda_d, lambda_b, base_weight, bias, A, B):
+        ctx.base_weight, ctx.A, ctx.B = base_weight, A, B
+        ctx.save_for_backward(ax, lambda_d, lambda_b)
+        weight = base_weight() + delta_weight(lambda_d, lambda_b, A, B)
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ax, lambda_d, lambda_b = ctx.saved_tensors
+        weight = ctx.base_weight() + delta_weight(lambda_d, lambda_b, ctx.A, ctx.B)
+        grad_x = grad_out @ weight
+        grad_d, grad_b = _vector_grads(grad_out, ax, lambda_d, lambda_b, ctx.B)
+        return grad_x, None, grad_d, grad_b, None, None, None, None
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    return isinstance(layer, bnb.nn.Linear4bit)
+
+
+def unpack_cpu_4bit(layer: nn.Module) -> None:
+    """Undo bitsandbytes' AVX512-BF16 inference repacking, whose kernel has no autograd."""
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+
+
+class VeraLinear(nn.Module):
+    """A frozen linear layer (nn.Linear, bitsandbytes 4-bit or 8-bit) plus VeRA's two vectors.
+
+    `row_vectors`, when set by the serving code, holds per-row (d, b) for a mixed batch:
+    `A x` and the product by B stay one matmul for the whole batch.
+    """
+
+    def __init__(self, base_layer: nn.Linear, projections: SharedProjections, d_initial: float, fold: bool = True):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.projections = [projections]  # a list: not a submodule, so its buffers exist once
+        device = base_layer.weight.device
+        self.lambda_d = nn.Parameter(torch.full((projections.rank,), float(d_initial), device=device))
+        self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
+        self.fold = fold
+        self.row_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
+        if is_4bit(base_layer) and self.out_features % 32:
+            # bitsandbytes' CPU repacking kernel crashes on out_features not divisible by 32.
+            base_layer.support_avx512bf16_for_cpu = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.projections[0].rank}"
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        layer = self.base_layer
+        if is_4bit(layer):
+            unpack_cpu_4bit(layer)
+            return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        return layer.weight.to(dtype)
+
+    def _should_fold(self, tokens: int) -> bool:
+        """Folding costs 2·out·in·r (ΔW built in forward and backward); the unfolded path costs
+        about tokens·(2·out + in)·r more than the fold's own `gᵀ(A x)`."""
+        if not (self.fold and torch.is_grad_enabled()) or isinstance(self.base_layer, bnb.nn.Linear8bitLt):
+            return False  # inference keeps bitsandbytes' own (repacked, faster) 4-bit kernel
+        return 2 * self.out_features * self.in_features < tokens * (2 * self.out_features + self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projections = self.projections[0]
+        dtype = compute_dtype_for(x)
+        A, B = projections.sliced(self.in_features, self.out_features, dtype)
+        # The vectors are fp32 whatever a trainer did to them; the math below casts copies.
+        lambda_d, lambda_b = self.lambda_d.float(), self.lambda_b.float()
+        with torch.autocast(x.device.type, enabled=False):
+            x_c = x.to(dtype)
+            ax = projections.project(x_c, A)
+            if self.row_vectors is not None:
+                d_rows, b_rows = self.row_vectors
+                base = self._base_forward(x_c)
+                delta = F.linear(ax * d_rows.to(dtype)[:, None, :], B) * b_rows.to(dtype)[:, None, :]
+                return base + delta
+            if self._should_fold(x_c.numel() // x_c.shape[-1]):
+                return FoldedVeraLinear.apply(
+                    x_c, ax, lambda_d, lambda_b, lambda: self.dequantized_weight(dtype), self.base_layer.bias, A, B
+                )
+            return self._base_forward(x_c) + VeraDelta.apply(ax, lambda_d, lambda_b, B)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        if is_4bit(layer) and torch.is_grad_enabled():
+            unpack_cpu_4bit(layer)  # repacked weights would silently drop the input gradient
+        return layer(x).to(x.dtype)
