@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import VeraConfig
-from .vera import SharedProjections, VeraLinear
+from .vera import SharedProjections, VeraLinear, is_4bit, unpack_cpu_4bit
 
 PROJECTIONS_ATTR = "vera_projections"
 
@@ -48,11 +48,25 @@ def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, VeraLinear(layer, projections, config.d_initial, fold=config.fold))
+    disable_cpu_repacking(model)
     model.add_module(PROJECTIONS_ATTR, projections)
     model.vera_config = config
     if verbose:
         print(trainable_summary(model))
     return model
+
+
+def disable_cpu_repacking(model: nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    It repacks in place at the first eval-mode forward; the repacked kernel has no autograd
+    (later training silently loses gradients), the round trip back is lossy (double-quantized
+    scales change), and it crashes on out_features not divisible by 32.
+    """
+    for module in model.modules():
+        if is_4bit(module):
+            unpack_cpu_4bit(module)
+            module.support_avx512bf16_for_cpu = False
 
 
 def vera_layers(model: nn.Module) -> dict[str, VeraLinear]:

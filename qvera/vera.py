@@ -102,8 +102,8 @@ class ProjectDown(torch.autograd.Function):
 
 def _vector_grads(grad_out, ax, lambda_d, lambda_b, B):
     """∂/∂d and ∂/∂b from M = gᵀ(A x): d_k = Σ_o b_o B_ok M_ok, b_o = Σ_k B_ok d_k M_ok."""
-    M = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ ax.reshape(-1, ax.shape[-1])).float()
-    BM = B.float() * M
+    M = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ ax.reshape(-1, ax.shape[-1])).to(lambda_d.dtype)
+    BM = B.to(M.dtype) * M
     return BM.t() @ lambda_b, BM @ lambda_d
 
 
@@ -180,9 +180,6 @@ class VeraLinear(nn.Module):
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
         self.fold = fold
         self.row_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
-        if is_4bit(base_layer) and self.out_features % 32:
-            # bitsandbytes' CPU repacking kernel crashes on out_features not divisible by 32.
-            base_layer.support_avx512bf16_for_cpu = False
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.projections[0].rank}"
@@ -198,7 +195,7 @@ class VeraLinear(nn.Module):
         """Folding costs 2·out·in·r (ΔW built in forward and backward); the unfolded path costs
         about tokens·(2·out + in)·r more than the fold's own `gᵀ(A x)`."""
         if not (self.fold and torch.is_grad_enabled()) or isinstance(self.base_layer, bnb.nn.Linear8bitLt):
-            return False  # inference keeps bitsandbytes' own (repacked, faster) 4-bit kernel
+            return False  # without gradients the unfolded path is cheaper at decode sizes
         return 2 * self.out_features * self.in_features < tokens * (2 * self.out_features + self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
