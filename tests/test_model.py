@@ -131,10 +131,11 @@ def vector_grads(model, ids):
     return {n: layer.lambda_d.grad.clone() for n, layer in vera_layers(model).items()}
 
 
-def test_eval_pass_on_4bit_cpu_base_leaves_training_exact(tmp_path):
+@pytest.mark.parametrize("intermediate_size", [80, 160])
+def test_eval_pass_on_4bit_cpu_base_leaves_training_exact(tmp_path, intermediate_size):
     """bitsandbytes repacks 4-bit weights at the first eval-mode forward on AVX512-BF16 CPUs:
     lossy, gradient-free, and crashing on out_features not divisible by 32 (80 here)."""
-    folder = save_tiny_llama(tmp_path / "m", vocab_size=300, intermediate_size=80)
+    folder = save_tiny_llama(tmp_path / "m", vocab_size=300, intermediate_size=intermediate_size)
     model, _ = qvera.load_base(qvera.ModelConfig(name=folder, quantization="nf4"))
     qvera.attach_vera(model, qvera.VeraConfig(rank=16, target_modules=["q_proj", "gate_proj"]))
     for layer in vera_layers(model).values():
