@@ -3,6 +3,9 @@
 An adapter is only its vectors (d and b per layer), so the bank keeps each one as a dict of
 tensors on the model's device; A and B exist once, in the model. Switching the active adapter
 copies vectors in place; a mixed batch gathers one (d, b) per row for every layer.
+
+With `max_resident` set, adding an adapter beyond that count drops the least recently used
+one (a server reloads it from its folder on the next request that names it).
 """
 
 from __future__ import annotations
@@ -16,14 +19,19 @@ from .model import load_vector_state, vector_state, vera_layers
 
 
 class AdapterBank:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, max_resident: int | None = None):
+        if max_resident is not None and max_resident < 1:
+            raise ValueError(f"max_resident must be at least 1 (or None for no limit), got {max_resident}")
         self.model = model
+        self.max_resident = max_resident
         self.layers = vera_layers(model)
         if not self.layers:
             raise ValueError("this model has no VeRA attached; call qvera.attach_vera first")
         self.device = next(iter(self.layers.values())).lambda_d.device
         self.adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.active: str | None = None
+        self._last_use: dict[str, int] = {}
+        self._clock = 0
 
     def names(self) -> list[str]:
         return list(self.adapters)
@@ -44,6 +52,17 @@ class AdapterBank:
             if tuple(state[key].shape) != shape:
                 raise ValueError(f"adapter {name!r}: {key} has shape {tuple(state[key].shape)}, this model needs {shape}")
         self.adapters[name] = {k: v.detach().to(self.device, torch.float32).clone() for k, v in state.items()}
+        self.touch([name])
+        if self.max_resident is not None:
+            while len(self.adapters) > self.max_resident:
+                self.remove(min(self._last_use, key=self._last_use.get))
+
+    def touch(self, names: list[str | None]) -> None:
+        """Mark adapters as just used, so eviction spares them."""
+        self._clock += 1
+        for name in names:
+            if name is not None:
+                self._last_use[name] = self._clock
 
     def add_current(self, name: str) -> None:
         """Store the vectors the model holds now (after training, say) under `name`."""
@@ -52,6 +71,7 @@ class AdapterBank:
     def remove(self, name: str) -> None:
         self._require(name)
         del self.adapters[name]
+        del self._last_use[name]
         if self.active == name:
             self.activate(None)
 
@@ -63,6 +83,7 @@ class AdapterBank:
                     layer.lambda_b.zero_()
         else:
             load_vector_state(self.model, self._require(name))
+            self.touch([name])
         self.active = name
 
     def _require(self, name: str) -> dict[str, torch.Tensor]:
@@ -79,6 +100,7 @@ class AdapterBank:
         for name in row_adapters:
             if name is not None:
                 self._require(name)
+        self.touch(row_adapters)
         try:
             for layer_name, layer in self.layers.items():
                 d_rows, b_rows = [], []
