@@ -316,37 +316,45 @@ def check_fits(adapter: Adapter, model: nn.Module, *, source: str = "adapter") -
     model (with or without VeRA attached), before any computation."""
     config = adapter.config
     _check_base(config["base_model"], describe_base(model), source)
-    attached = hasattr(model, PROJECTIONS_ATTR)
-    if attached:
-        here = target_shapes(model)
-    else:
-        here = {n: [m.out_features, m.in_features] for n, m in find_targets(model, sorted(config["targets"])).items()}
-    _check_targets(config["targets"], here, source)
-    if attached:
+    _check_targets(config["targets"], model_targets(model, config["targets"]), source)
+    if hasattr(model, PROJECTIONS_ATTR):
         projections = shared_projections(model)
         rank, seed = projections.rank, projections.seed
-    else:
-        rank, seed = config["rank"], config["seed"]
-    if config["rank"] != rank:
-        raise ValueError(f"{source} has rank {config['rank']}, this model's VeRA has rank {rank}; load it on a base with rank {config['rank']} attached")
-    if config["seed"] != seed:
-        raise ValueError(
-            f"{source} was trained with projection seed {config['seed']}, this model's VeRA uses seed {seed}; "
-            f"attach VeRA with seed {config['seed']}"
-        )
+        if config["rank"] != rank:
+            raise ValueError(
+                f"{source} has rank {config['rank']}, this model's VeRA has rank {rank}; "
+                f"load it on a base with rank {config['rank']} attached"
+            )
+        if config["seed"] != seed:
+            raise ValueError(
+                f"{source} was trained with projection seed {config['seed']}, this model's VeRA uses seed {seed}; "
+                f"attach VeRA with seed {config['seed']}"
+            )
     expected = config["projections"]["fingerprint"]
     if expected is None:
         return
-    if attached:
-        fingerprint = projections_fingerprint(projections.A, projections.B)
-    else:
-        a_shape, b_shape = projection_shapes(rank, here)
-        fingerprint = projections_fingerprint(*generate_projections(rank, a_shape[1], b_shape[0], seed))
+    fingerprint = model_fingerprint(model, config["rank"], config["seed"], config["targets"])
     if fingerprint != expected:
         raise ValueError(
-            f"{source}: the projections regenerated from seed {seed} do not match its fingerprint "
+            f"{source}: the projections regenerated from seed {config['seed']} do not match its fingerprint "
             f"({fingerprint[:12]} here, {expected[:12]} recorded); this torch build draws other random numbers"
         )
+
+
+def model_targets(model: nn.Module, names) -> dict[str, list[int]]:
+    """[out, in] of the model's VeRA layers, or, on a bare model, of the named linear layers."""
+    if hasattr(model, PROJECTIONS_ATTR):
+        return target_shapes(model)
+    return {n: [m.out_features, m.in_features] for n, m in find_targets(model, sorted(names)).items()}
+
+
+def model_fingerprint(model: nn.Module, rank: int, seed: int, targets: dict[str, list[int]]) -> str:
+    """The fingerprint of the model's projections, or of those attach_vera would generate."""
+    if hasattr(model, PROJECTIONS_ATTR):
+        projections = shared_projections(model)
+        return projections_fingerprint(projections.A, projections.B)
+    a_shape, b_shape = projection_shapes(rank, targets)
+    return projections_fingerprint(*generate_projections(rank, a_shape[1], b_shape[0], seed))
 
 
 def _check_base(recorded: dict, here: dict, source: str) -> None:

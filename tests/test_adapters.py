@@ -43,8 +43,8 @@ def randomize_vectors(model, seed: int) -> None:
             layer.lambda_b.copy_(torch.randn(layer.lambda_b.shape, generator=generator) * 0.5)
 
 
-def adapted(base_dir, quantization="fp32", seed=1, **vera):
-    model, tokenizer = load_base(ModelConfig(name=str(base_dir), quantization=quantization))
+def adapted(base_dir, quantization="fp32", seed=1, compute_dtype="bfloat16", **vera):
+    model, tokenizer = load_base(ModelConfig(name=str(base_dir), quantization=quantization, compute_dtype=compute_dtype))
     attach_vera(model, VeraConfig(rank=RANK, **vera))
     randomize_vectors(model, seed)
     return model, tokenizer
