@@ -58,10 +58,10 @@ class AdapterBank:
                 self.remove(min(self._last_use, key=self._last_use.get))
 
     def touch(self, names: list[str | None]) -> None:
-        """Mark adapters as just used, so eviction spares them."""
+        """Mark resident adapters as just used, so eviction spares them."""
         self._clock += 1
         for name in names:
-            if name is not None:
+            if name in self.adapters:
                 self._last_use[name] = self._clock
 
     def add_current(self, name: str) -> None:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .model import vera_layers
+
 
 @dataclass
 class Sampling:
@@ -182,13 +184,43 @@ def generate(
 class Chat:
     """A multi-turn conversation with one model; `reply` streams the answer as it is made."""
 
+    COMMANDS = "/reset (clear the history), /adapter FOLDER (switch adapter; `none`: the base), /exit"
+
     def __init__(self, model: nn.Module, tokenizer, system: str | None = None, sampling: Sampling = Sampling()):
         self.model, self.tokenizer, self.system, self.sampling = model, tokenizer, system, sampling
         self.end_ids = end_token_ids(model, tokenizer)
+        self.adapter: str | None = None
         self.reset()
 
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+
+    def use_adapter(self, folder: str | None) -> None:
+        """Answer with the adapter in `folder` from now on (None: the bare base); the history stays."""
+        from .adapters import attach_adapter
+        from .bank import AdapterBank
+
+        if folder is None:
+            if vera_layers(self.model):
+                AdapterBank(self.model).activate(None)
+        else:
+            attach_adapter(self.model, folder)
+        self.adapter = folder
+
+    def command(self, line: str) -> str:
+        """Run a /command typed in the chat; return what to tell the user."""
+        name, _, argument = line.strip().partition(" ")
+        argument = argument.strip()
+        if name == "/reset":
+            self.reset()
+            return "history cleared"
+        if name == "/adapter" and argument:
+            try:
+                self.use_adapter(None if argument == "none" else argument)
+            except (ValueError, FileNotFoundError) as err:
+                return f"adapter not changed: {err}"
+            return f"now answering with {self.adapter or 'the base model'}"
+        return f"unknown command {line.strip()!r}; commands: {self.COMMANDS}"
 
     def reply(self, text: str) -> Iterator[str]:
         """Yield the answer to `text` piece by piece; the turn enters the history once complete."""
