@@ -1,8 +1,13 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import save_tiny_llama
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.adapters import save_adapter
 from qvera.bank import AdapterBank
 from qvera.model import vector_state
 from qvera.generation import (
@@ -41,9 +46,13 @@ def model_with_bank(folder, quantization, rank=16):
 
 
 @pytest.fixture(scope="module")
-def fp32_setup(tmp_path_factory):
-    folder = save_tiny_llama(tmp_path_factory.mktemp("tiny-fp32"), dtype=torch.float32)
-    return model_with_bank(folder, "fp32")
+def tiny_fp32_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-fp32"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def fp32_setup(tiny_fp32_dir):
+    return model_with_bank(tiny_fp32_dir, "fp32")
 
 
 def run_steps(model, tokenizer, conversations, max_new_tokens=6):
@@ -52,15 +61,15 @@ def run_steps(model, tokenizer, conversations, max_new_tokens=6):
     return list(decode_steps(model, prompts, sampling, end_token_ids(model, tokenizer), tokenizer.pad_token_id))
 
 
-def assert_rows_match_alone(model, tokenizer, bank, atol, rtol):
+def assert_rows_match_alone(model, tokenizer, bank, atol, rtol, steps):
     """Row i of the mixed batch against conversation i run alone with its adapter activated."""
     lengths = {len(chat_prompt(tokenizer, m)) for m in CONVERSATIONS}
     assert len(lengths) > 2, "the batch must hold prompts of different lengths (so, padding)"
     with bank.mixed_batch(ROW_ADAPTERS):
-        mixed = run_steps(model, tokenizer, CONVERSATIONS)
+        mixed = run_steps(model, tokenizer, CONVERSATIONS, steps)
     for row, (messages, name) in enumerate(zip(CONVERSATIONS, ROW_ADAPTERS)):
         bank.activate(name)
-        alone = run_steps(model, tokenizer, [messages])
+        alone = run_steps(model, tokenizer, [messages], steps)
         assert len(alone) == len(mixed)
         for step_alone, step_mixed in zip(alone, mixed):
             assert step_mixed.tokens[row] == step_alone.tokens[0]
@@ -72,13 +81,13 @@ def assert_rows_match_alone(model, tokenizer, bank, atol, rtol):
 
 def test_mixed_batch_rows_equal_each_prompt_alone_fp32(fp32_setup):
     model, tokenizer, bank = fp32_setup
-    assert_rows_match_alone(model, tokenizer, bank, atol=1e-5, rtol=0)
+    assert_rows_match_alone(model, tokenizer, bank, atol=1e-5, rtol=0, steps=6)
 
 
 def test_mixed_batch_rows_equal_each_prompt_alone_nf4(tmp_path):
     model, tokenizer, bank = model_with_bank(save_tiny_llama(tmp_path / "tiny"), "nf4")
     # bf16 compute: batched and single matmuls may round differently in the last bf16 bit.
-    assert_rows_match_alone(model, tokenizer, bank, atol=2e-2, rtol=1e-2)
+    assert_rows_match_alone(model, tokenizer, bank, atol=2e-2, rtol=1e-2, steps=3)
 
 
 def test_decode_loop_matches_transformers_generate(fp32_setup):
@@ -173,3 +182,37 @@ def test_chat_keeps_history_streams_and_resets(fp32_setup):
     assert len(chat.messages) == 5
     chat.reset()
     assert chat.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_chat_switches_adapters_by_folder(fp32_setup, tiny_fp32_dir, tmp_path):
+    model, tokenizer, bank = fp32_setup
+    bank.activate("a")
+    save_adapter(model, tmp_path / "a")
+    bank.activate(None)
+    greedy = Sampling(0.0, 1.0, 4)
+    with_a, plain = (generate(model, tokenizer, [CONVERSATIONS[1]], [name], bank, greedy)[0] for name in ("a", None))
+    fresh, _ = load_base(ModelConfig(name=tiny_fp32_dir, quantization="fp32"))  # no VeRA yet
+    chat = Chat(fresh, tokenizer, sampling=greedy)
+    assert chat.command(f"/adapter {tmp_path / 'a'}") == f"now answering with {tmp_path / 'a'}"
+    assert "".join(chat.reply("Hi")) == with_a
+    assert chat.command("/adapter none") == "now answering with the base model"
+    chat.reset()
+    assert "".join(chat.reply("Hi")) == plain != with_a
+    assert chat.command(f"/adapter {tmp_path / 'missing'}").startswith("adapter not changed: adapter folder")
+    assert chat.command("/reset") == "history cleared" and chat.messages == []
+    assert chat.command("/help").startswith("unknown command '/help'; commands: /reset")
+
+
+def test_chat_script_answers_one_prompt_and_exits(fp32_setup, tiny_fp32_dir, tmp_path):
+    model, tokenizer, bank = fp32_setup
+    bank.activate("b")
+    save_adapter(model, tmp_path / "b")
+    bank.activate(None)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    expected = generate(model, tokenizer, [messages], ["b"], bank, Sampling(0.0, 1.0, 5))[0]
+    script = Path(__file__).parents[1] / "scripts" / "chat.py"
+    args = ["--model", tiny_fp32_dir, "--quantization", "fp32", "--adapter", str(tmp_path / "b"), "--system", "Be brief."]
+    args += ["--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "5"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
