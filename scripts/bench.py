@@ -1,0 +1,170 @@
+"""Training-step benchmark: qvera VeRA against upstream peft (VeRA and LoRA) on a 4-bit base.
+
+Every variant runs in this one process, one after another, on the same base, data and
+settings, so the ratios are measured side by side. Per variant: median step time (forward,
+backward, AdamW step) and its ratio to the frozen-base floor (forward + backward to the
+inputs, no adapter) and to peft VeRA at the same rank as qvera's middle rank; bytes saved for
+the backward (each storage once, and every save as a naive hook counts) and their excess over
+the floor; floating-point work per step as PyTorch's flop counter sees it; trainable
+parameters; adapter file bytes.
+
+    python scripts/bench.py                      # SmolLM2-135M in NF4, batch 4 x 256, bf16 autocast
+    python scripts/bench.py --json bench.json    # also write the rows as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import qvera
+from qvera.adapters import save_adapter
+from qvera.model import disable_cpu_repacking
+from qvera.profiling import count_flops, count_saved_tensors, median_seconds
+
+VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:256", "qvera:512", "qvera:1024"]
+
+
+def build(model_name: str, variant: str):
+    method, _, rank = variant.partition(":")
+    rank = int(rank or 0)
+    model, _ = qvera.load_base(qvera.ModelConfig(name=model_name, quantization="nf4"))
+    model.train()
+    if method == "floor":
+        model.enable_input_require_grads()  # backward to the inputs, as a frozen base trains nothing
+    elif method.startswith("peft"):
+        from peft import LoraConfig, VeraConfig, get_peft_model
+
+        disable_cpu_repacking(model)
+        config = (
+            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+            if method == "peft-lora"
+            else VeraConfig(r=rank, target_modules="all-linear", save_projection=False)
+        )
+        model = get_peft_model(model, config)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    elif method == "qvera":
+        qvera.attach_vera(model, qvera.VeraConfig(rank=rank))
+    else:
+        raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
+    return model, method, rank
+
+
+def adapter_bytes(model, method: str) -> int:
+    if method == "floor":
+        return 0
+    with tempfile.TemporaryDirectory() as folder:
+        if method == "qvera":
+            save_adapter(model, folder)
+        else:
+            model.save_pretrained(folder)
+        return sum(f.stat().st_size for f in Path(folder).iterdir() if f.suffix == ".safetensors")
+
+
+def measure(model_name: str, variant: str, batch: int, seq: int, repeats: int) -> dict:
+    model, method, rank = build(model_name, variant)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3) if method != "floor" else None
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids, labels=ids).loss
+
+    def step():
+        forward().backward()
+        if optimizer:
+            optimizer.step()
+            optimizer.zero_grad()
+
+    with count_saved_tensors() as saved:
+        loss = forward()
+    loss.backward()
+    if optimizer:
+        optimizer.zero_grad()
+    del loss
+    flops = count_flops(step)
+    step_s, times = median_seconds(step, repeats)
+    row = dict(
+        variant=method,
+        rank=rank,
+        step_s=round(step_s, 3),
+        times=[round(t, 3) for t in times],
+        saved_bytes=saved.unique,
+        saved_bytes_naive=saved.total,
+        tflop=round(flops / 1e12, 3),
+        trainable=sum(p.numel() for p in params) if optimizer else 0,
+        adapter_bytes=adapter_bytes(model, method),
+    )
+    del model, optimizer
+    gc.collect()
+    return row
+
+
+def add_ratios(rows: list[dict], reference_rank: int) -> None:
+    floor = next(r for r in rows if r["variant"] == "floor")
+    peft_vera = next((r for r in rows if r["variant"] == "peft-vera" and r["rank"] == reference_rank), None)
+    rate = floor["tflop"] / floor["step_s"]  # what this machine sustains on the base's own work
+    for row in rows:
+        row["ratio_to_floor"] = round(row["step_s"] / floor["step_s"], 3)
+        row["ratio_to_peft_vera"] = round(row["step_s"] / peft_vera["step_s"], 3) if peft_vera else None
+        row["saved_excess_bytes"] = row["saved_bytes"] - floor["saved_bytes"]
+        row["saved_excess_naive"] = row["saved_bytes_naive"] - floor["saved_bytes_naive"]
+        row["step_s_at_floor_rate"] = round(row["tflop"] / rate, 3)
+
+
+def markdown(rows: list[dict]) -> str:
+    mb = 2**20
+    lines = [
+        "| variant | rank | step s | x floor | x peft VeRA | TFLOP/step | s at floor's FLOP rate "
+        "| saved MB | excess MB | excess MB (naive) | trainable | adapter bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        vs_peft = f"{r['ratio_to_peft_vera']:.2f}" if r["ratio_to_peft_vera"] is not None else "-"
+        lines.append(
+            f"| {r['variant']} | {r['rank'] or '-'} | {r['step_s']:.2f} | {r['ratio_to_floor']:.2f} | {vs_peft} "
+            f"| {r['tflop']:.2f} | {r['step_s_at_floor_rate']:.2f} | {r['saved_bytes'] / mb:.0f} "
+            f"| {r['saved_excess_bytes'] / mb:+.0f} | {r['saved_excess_naive'] / mb:+.0f} "
+            f"| {r['trainable']:,} | {r['adapter_bytes']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="base model (default: %(default)s)")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="method:rank list (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=4, help="timed steps per variant (default: %(default)s)")
+    parser.add_argument("--reference-rank", type=int, default=512, help="peft VeRA rank for ratios (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    if "floor" not in args.variants:
+        parser.error("--variants must include 'floor': every ratio is taken against it")
+
+    torch.manual_seed(0)
+    rows = []
+    for variant in args.variants:
+        rows.append(measure(args.model, variant, args.batch, args.seq, args.repeats))
+        print(f"{variant}: {rows[-1]['step_s']:.2f} s/step", file=sys.stderr, flush=True)
+    add_ratios(rows, args.reference_rank)
+    print(f"command: python scripts/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"torch threads: {torch.get_num_threads()}, cpu count: {os.cpu_count()}")
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
