@@ -56,14 +56,23 @@ class AdapterStore:
         if not self.folder.is_dir():
             raise FileNotFoundError(f"adapters folder {self.folder} does not exist; create it and save adapters into it")
         if not hasattr(model, PROJECTIONS_ATTR):
-            names = self.available()
-            if not names:
-                raise ValueError(f"{self.folder} holds no adapter; save one there with qvera.adapters.save_adapter")
-            # Every served adapter shares A and B, so the first one decides rank, seed and targets.
-            first = read_adapter(self.folder / names[0], model)
-            attach_vera(model, first.vera_config)
+            attach_vera(model, self.first_fitting().vera_config)
         self.bank = AdapterBank(model, max_resident=max_resident)
         self.lock = threading.Lock()
+
+    def first_fitting(self):
+        """Every served adapter shares A and B, so the first one that fits this base decides
+        rank, seed and targets for all."""
+        names = self.available()
+        if not names:
+            raise ValueError(f"{self.folder} holds no adapter; save one there with qvera.adapters.save_adapter")
+        errors = []
+        for name in names:
+            try:
+                return read_adapter(self.folder / name, self.model)
+            except ValueError as err:
+                errors.append(err)
+        raise ValueError(f"no adapter in {self.folder} fits this base; the first says: {errors[0]}")
 
     def available(self) -> list[str]:
         return sorted(p.name for p in self.folder.iterdir() if (p / CONFIG_FILE).is_file())
@@ -74,16 +83,16 @@ class AdapterStore:
         self.bank.touch(names)
         for name in dict.fromkeys(names):
             if name is not None and name not in self.bank.adapters:
-                self.bank.add(name, self.read(name).vectors)
+                self.load(name)
 
-    def read(self, name: str):
+    def load(self, name: str) -> None:
         path = self.folder / name
         if "/" in name or name.startswith(".") or not (path / CONFIG_FILE).is_file():
             known = ", ".join(self.available()[:10]) or "none"
             raise RequestError(404, f"the model {name!r} does not exist; available adapters: {known}", "model", "model_not_found")
         try:
-            return read_adapter(path, self.model)
-        except ValueError as err:
+            self.bank.add(name, read_adapter(path, self.model).vectors)
+        except (ValueError, OSError) as err:
             raise RequestError(400, f"adapter {name!r} cannot be served on this base: {err}", "model", "adapter_mismatch") from err
 
 
@@ -246,8 +255,11 @@ class ChatServer:
     def _work(self) -> None:
         while not self._stopping.is_set():
             batch = self._collect()
-            if batch:
+            try:
                 self._run(batch)
+            except Exception as err:  # reported to this batch's requests; the server goes on
+                for item in batch:
+                    item.events.put(("error", RequestError(500, f"generation failed: {type(err).__name__}: {err}")))
 
     def _run(self, batch: list[Pending]) -> None:
         with ExitStack() as stack:
@@ -265,11 +277,7 @@ class ChatServer:
                 stack.enter_context(self.store.bank.mixed_batch([item.adapter for item in batch]))
             self.recent_batches.append([item.adapter for item in batch])
             print(f"batch of {len(batch)}: {[item.adapter or self.base_name for item in batch]}", file=sys.stderr, flush=True)
-            try:
-                self._decode(batch)
-            except Exception as err:  # reported to this batch's requests; the server goes on
-                for item in batch:
-                    item.events.put(("error", RequestError(500, f"generation failed: {type(err).__name__}: {err}")))
+            self._decode(batch)
 
     def _decode(self, batch: list[Pending]) -> None:
         streams = [TextStream(self.tokenizer) for _ in batch]
@@ -342,14 +350,20 @@ def _handler_for(server: ChatServer):
                 self.send_json(404, RequestError(404, f"no route {self.path}; use /v1/chat/completions or /v1/models").body())
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
+                length = self.headers.get("Content-Length", "")
+                if not length.isdigit():
+                    self.close_connection = True  # the body's end is unknown: the connection cannot be reused
+                    raise RequestError(411, "the request needs a Content-Length header")
                 try:
-                    body = json.loads(self.rfile.read(length) or b"null")
+                    body = json.loads(self.rfile.read(int(length)) or b"null")
                 except (json.JSONDecodeError, UnicodeDecodeError) as err:
                     raise RequestError(400, f"the request body is not valid JSON ({err})") from err
                 pending, stream, include_usage, name = server.parse(body)
             except RequestError as err:
                 self.send_json(err.status, err.body())
+                return
+            except Exception as err:  # a bug, reported to this request alone
+                self.send_json(500, RequestError(500, f"{type(err).__name__}: {err}").body())
                 return
             server.submit(pending)
             reply = Reply(name)

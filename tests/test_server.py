@@ -192,3 +192,11 @@ def test_least_recently_used_adapters_leave_and_come_back(served):
     assert sorted(server.store.bank.names()) == ["alpha", "delta", "gamma"]
     assert ask(client, "beta").choices[0].message.content == expected["beta"]  # read again from its folder
     assert sorted(server.store.bank.names()) == ["alpha", "beta", "delta"]
+
+
+def test_server_needs_an_adapters_folder_with_an_adapter(tmp_path, tiny_llama_dir):
+    model, tokenizer = load_base(ModelConfig(name=tiny_llama_dir, quantization="fp32"))
+    with pytest.raises(FileNotFoundError, match="adapters folder .*missing does not exist"):
+        ChatServer(model, tokenizer, tmp_path / "missing", port=0)
+    with pytest.raises(ValueError, match="holds no adapter; save one there"):
+        ChatServer(model, tokenizer, tmp_path, port=0)

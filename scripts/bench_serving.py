@@ -1,0 +1,129 @@
+"""Decode benchmark for many-adapter serving.
+
+Three ways to answer P prompts, measured side by side in this one process on the same base,
+prompts and adapters (random vectors; speed does not depend on their values):
+
+- mixed:  one batch, every row with its own adapter (AdapterBank.mixed_batch);
+- single: one batch, all rows with one adapter (the plain VeRA forward);
+- loop:   one adapter at a time, each running the prompts that use it (here one each).
+
+Every row decodes exactly `--new-tokens` tokens (no end token stops it). Decode tokens/s
+counts the tokens after the first, over the time after the prefill; `--repeats` runs the
+three in turn and keeps each one's best (the least disturbed by other load). Also printed:
+memory per resident adapter, and how many Llama-2-7B adapters at the same rank fit in 1 GB
+(sizes from a meta-device model).
+
+    python scripts/bench_serving.py                    # SmolLM2-135M in NF4, 32 adapters at r=512
+    python scripts/bench_serving.py --json serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.adapters import llama2_7b_adapter_size
+from qvera.bank import AdapterBank
+from qvera.generation import Sampling, chat_prompt, decode_steps
+from qvera.model import vector_state
+
+PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_en_demo.json"
+
+
+def timed_decode(model, tokenizer, prompts, new_tokens, context) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) for one batch."""
+    sampling = [Sampling(temperature=0.0, top_p=1.0, max_new_tokens=new_tokens)] * len(prompts)
+    with context:
+        start = time.perf_counter()
+        steps = decode_steps(model, prompts, sampling, set(), tokenizer.pad_token_id)
+        next(steps)
+        prefilled = time.perf_counter()
+        for _ in steps:
+            pass
+        return prefilled - start, time.perf_counter() - prefilled
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=ModelConfig().name)
+    parser.add_argument("--quantization", default=ModelConfig().quantization, choices=["nf4", "int8", "bf16", "fp32"])
+    parser.add_argument("--rank", type=int, default=512)
+    parser.add_argument("--adapters", type=int, default=32, help="distinct adapters, one per prompt")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_base(ModelConfig(name=args.model, quantization=args.quantization))
+    attach_vera(model, VeraConfig(rank=args.rank))
+    bank = AdapterBank(model)
+    generator = torch.Generator().manual_seed(0)
+    names = [f"adapter-{i}" for i in range(args.adapters)]
+    for name in names:
+        bank.add(name, {k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in vector_state(model).items()})
+    rows = json.loads(PROMPTS.read_text())[: args.adapters]
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": r["instruction"]}]) for r in rows]
+
+    best: dict[str, tuple[float, float]] = {}
+
+    def keep(label, prefill, decode):
+        if label not in best or decode < best[label][1]:
+            best[label] = (prefill, decode)
+
+    for _ in range(args.repeats):
+        keep("mixed", *timed_decode(model, tokenizer, prompts, args.new_tokens, bank.mixed_batch(names)))
+        bank.activate(names[0])
+        keep("single", *timed_decode(model, tokenizer, prompts, args.new_tokens, nullcontext()))
+        prefill = decode = 0.0
+        for name, prompt in zip(names, prompts):
+            bank.activate(name)
+            p, d = timed_decode(model, tokenizer, [prompt], args.new_tokens, nullcontext())
+            prefill, decode = prefill + p, decode + d
+        keep("loop", prefill, decode)
+
+    decoded = len(prompts) * (args.new_tokens - 1)
+    speed = {label: decoded / decode for label, (_, decode) in best.items()}
+    per_adapter = bank.bytes_per_adapter()
+    llama = llama2_7b_adapter_size(args.rank)
+    llama_bytes = 4 * llama["parameters"]  # resident vectors are fp32
+    results = {
+        "setting": {
+            "model": args.model, "quantization": args.quantization, "rank": args.rank, "prompts": len(prompts),
+            "adapters": args.adapters, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "threads": torch.get_num_threads(), "device": str(bank.device),
+        },
+        "decode_tokens_per_s": speed,
+        "seconds": {label: {"prefill": p, "decode": d} for label, (p, d) in best.items()},
+        "mixed_over_single": speed["mixed"] / speed["single"],
+        "mixed_over_loop": speed["mixed"] / speed["loop"],
+        "bytes_per_resident_adapter": per_adapter,
+        "llama2_7b": {"rank": args.rank, "bytes_per_adapter": llama_bytes, "adapters_per_GB": 10**9 // llama_bytes},
+    }
+    s = results["setting"]
+    print(f"{s['model']} ({s['quantization']}), rank {s['rank']}, {s['prompts']} prompts, {s['new_tokens']} new tokens, "
+          f"{s['threads']} threads on {s['device']}")
+    for label, text in (("mixed", f"{args.adapters} distinct adapters, one batch"), ("single", "one adapter, one batch"),
+                        ("loop", "one adapter at a time")):
+        p, d = best[label]
+        print(f"  {label:6} {speed[label]:8.1f} decode tokens/s  (prefill {p:.2f} s, decode {d:.2f} s)  {text}")
+    print(f"  mixed / single = {results['mixed_over_single']:.3f}   mixed / loop = {results['mixed_over_loop']:.2f}")
+    print(f"  memory per resident adapter: {per_adapter:,} bytes (fp32 vectors)")
+    print(f"  Llama-2-7B, r={args.rank}: {llama_bytes:,} bytes per adapter, {results['llama2_7b']['adapters_per_GB']} adapters per GB")
+    if args.json:
+        staging = Path(f"{args.json}.tmp")
+        staging.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(staging, args.json)
+
+
+if __name__ == "__main__":
+    main()
