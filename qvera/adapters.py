@@ -429,6 +429,18 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def meta_base(name: str) -> nn.Module:
+    """A base's architecture on the meta device, from its config alone: enough to check,
+    describe and convert adapters without loading weights."""
+    from transformers import AutoConfig
+
+    from .base import resolve_model_path
+
+    model = meta_model(AutoConfig.from_pretrained(resolve_model_path(name)))
+    model.qvera_base_name = name
+    return model
+
+
 def llama2_7b_adapter_size(rank: int = 512) -> dict[str, int]:
     """Adapter size for Llama-2-7B with VeRA on all linear layers, measured on a meta-device model."""
     from transformers import LlamaConfig

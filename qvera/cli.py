@@ -1,0 +1,128 @@
+"""The `qvera` command: inspect, export, convert, merge and load-check adapter folders.
+
+    qvera inspect runs/sft/adapter
+    qvera export runs/sft/adapter out/peft --to peft
+    qvera convert some-peft-adapter out/adapter --base smollm2-135m
+    qvera merge runs/sft/adapter out/merged
+    qvera load-check runs/sft/adapter --prompt "Hello"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .adapters import DTYPES, PEFT_CONFIG_FILE, Adapter, attach_adapter, describe, meta_base, read_adapter, write_adapter
+from .base import QUANTIZATIONS
+from .config import ModelConfig
+from .peft_interop import export_peft, import_peft
+
+
+def read_any(folder: str | Path, model=None) -> Adapter:
+    """A qvera or a peft VeRA adapter folder, told apart by their config files."""
+    if (Path(folder) / PEFT_CONFIG_FILE).is_file():
+        return import_peft(folder, model)
+    return read_adapter(folder, model)
+
+
+def load_adapted(args):
+    """Load the base the adapter names (or --base) and attach the adapter in one call."""
+    from .base import load_base
+
+    name = args.base or read_any(args.adapter).config["base_model"]["name"]
+    if not name:
+        raise ValueError(f"{args.adapter} does not name its base model; pass --base NAME_OR_FOLDER")
+    model, tokenizer = load_base(ModelConfig(name=name, quantization=args.quantization))
+    attach_adapter(model, read_any(args.adapter, model))
+    return model, tokenizer
+
+
+def cmd_inspect(args) -> None:
+    print(describe(read_any(args.adapter), args.adapter))
+
+
+def cmd_export(args) -> None:
+    adapter = read_adapter(args.adapter)
+    if args.to == "peft":
+        export_peft(adapter, args.out, save_projection=args.save_projection)
+    else:
+        write_adapter(adapter, args.out, dtype=DTYPES[args.dtype])
+    print(f"wrote {args.to} adapter {args.out}")
+
+
+def cmd_convert(args) -> None:
+    write_adapter(import_peft(args.adapter, meta_base(args.base)), args.out, dtype=DTYPES[args.dtype])
+    print(f"wrote qvera adapter {args.out}")
+
+
+def cmd_merge(args) -> None:
+    from .merge import merge_to_folder
+
+    model, tokenizer = load_adapted(args)
+    merge_to_folder(model, tokenizer, args.out)
+    print(f"wrote merged bf16 model {args.out}")
+
+
+def cmd_load_check(args) -> None:
+    model, tokenizer = load_adapted(args)
+    batch = tokenizer([args.prompt], return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        next_token = model(**batch).logits[0, -1].argmax()
+    print(describe(read_any(args.adapter), args.adapter))
+    print(f"loaded onto {model.qvera_base_name} ({args.quantization}); next token after {args.prompt!r}: {tokenizer.decode(next_token)!r}")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="qvera", description="Inspect, export, convert, merge and load-check VeRA adapters.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("inspect", help="print rank, targets, sizes, base model and fingerprint of an adapter folder (qvera or peft)")
+    p.add_argument("adapter")
+    p.set_defaults(run=cmd_inspect)
+
+    p = commands.add_parser("export", help="rewrite a qvera adapter: as bf16, or in peft's VeRA format")
+    p.add_argument("adapter")
+    p.add_argument("out")
+    p.add_argument("--to", choices=["qvera", "peft"], default="qvera")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="vector dtype of a qvera adapter")
+    p.add_argument("--save-projection", action="store_true", help="peft only: also store A and B (peft's save_projection)")
+    p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("convert", help="convert a peft VeRA adapter to a qvera adapter (reads only the base's config)")
+    p.add_argument("adapter")
+    p.add_argument("out")
+    p.add_argument("--base", required=True, help="the base model the adapter was trained on (name, hub id or folder)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.set_defaults(run=cmd_convert)
+
+    for name, run, text in [
+        ("merge", cmd_merge, "write a plain bf16 transformers folder with the adapter merged in"),
+        ("load-check", cmd_load_check, "load the base, attach the adapter and run one forward"),
+    ]:
+        p = commands.add_parser(name, help=text)
+        p.add_argument("adapter")
+        if name == "merge":
+            p.add_argument("out")
+        p.add_argument("--base", help="base model (default: the one the adapter records)")
+        p.add_argument("--quantization", choices=QUANTIZATIONS, default=ModelConfig.quantization)
+        if name == "load-check":
+            p.add_argument("--prompt", default="Hello")
+        p.set_defaults(run=run)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"qvera {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

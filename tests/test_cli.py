@@ -1,0 +1,111 @@
+"""The `qvera` command (and scripts/export.py, which calls it)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+import pytest
+import torch
+
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.adapters import read_adapter, save_adapter
+from qvera.cli import main
+from qvera.model import vector_state
+from qvera.peft_interop import export_peft
+
+from test_adapters import REPO, adapted, randomize_vectors
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_llama_dir, tmp_path_factory):
+    """A qvera adapter and the same adapter in peft's format, from a full-precision base."""
+    model, _ = adapted(tiny_llama_dir)
+    folder = tmp_path_factory.mktemp("cli")
+    return save_adapter(model, folder / "qvera"), export_peft(model, folder / "peft"), vector_state(model)
+
+
+def test_script_help_lists_every_command(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["scripts/export.py", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "scripts" / "export.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("inspect", "export", "convert", "merge", "load-check"):
+        assert command in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "--help"])
+    assert exit_.value.code == 0 and "--base" in capsys.readouterr().out
+
+
+def test_inspect_qvera_and_peft_folders(saved, tiny_llama_dir, capsys):
+    qvera_folder, peft_folder, _ = saved
+    assert main(["inspect", str(qvera_folder)]) == 0
+    out = capsys.readouterr().out
+    fingerprint = read_adapter(qvera_folder).config["projections"]["fingerprint"]
+    assert "rank:         8 (projection seed 0" in out
+    assert "targets:      14 layers: down_proj x2, gate_proj x2, k_proj x2" in out
+    assert "parameters:   1,264 (5,056 bytes fp32, 2,528 bytes bf16)" in out
+    assert f"base model:   {tiny_llama_dir}" in out and f"fingerprint:  {fingerprint}" in out
+    assert main(["inspect", str(peft_folder)]) == 0
+    out = capsys.readouterr().out
+    assert "rank:         8" in out and "14 layers" in out and "fingerprint:  not recorded" in out
+
+
+def test_export_bf16_and_to_peft(saved, tmp_path):
+    qvera_folder, _, vectors = saved
+    assert main(["export", str(qvera_folder), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    for key, value in read_adapter(tmp_path / "bf16").vectors.items():
+        assert torch.equal(value, vectors[key].bfloat16().float())
+    assert main(["export", str(qvera_folder), str(tmp_path / "peft"), "--to", "peft", "--save-projection"]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_convert_peft_reads_only_the_base_config(saved, tiny_llama_dir, tmp_path, monkeypatch):
+    qvera_folder, peft_folder, vectors = saved
+    monkeypatch.setattr("qvera.base.load_base", lambda *a, **k: pytest.fail("convert must not load weights"))
+    assert main(["convert", str(peft_folder), str(tmp_path / "converted"), "--base", str(tiny_llama_dir)]) == 0
+    monkeypatch.undo()
+    converted, original = read_adapter(tmp_path / "converted"), read_adapter(qvera_folder)
+    for key in ("rank", "seed", "targets", "base_model", "projections"):
+        assert converted.config[key] == original.config[key], key
+    for key, value in converted.vectors.items():
+        assert torch.equal(value, vectors[key])
+
+
+def test_load_check_and_merge(saved, tmp_path, capsys):
+    qvera_folder = saved[0]
+    assert main(["load-check", str(qvera_folder), "--quantization", "nf4", "--prompt", "Hi"]) == 0
+    assert "(nf4); next token after 'Hi':" in capsys.readouterr().out
+    assert main(["merge", str(qvera_folder), str(tmp_path / "merged"), "--quantization", "fp32"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_errors_are_one_line(saved, tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"qvera inspect: error: adapter folder {tmp_path / 'nowhere'} does not exist\n"
+    damaged = tmp_path / "damaged"
+    main(["export", str(saved[0]), str(damaged)])
+    (damaged / "vectors.safetensors").write_bytes(b"\0" * 10)
+    assert main(["load-check", str(damaged), "--quantization", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vectors.safetensors is truncated or corrupted" in err
+    with pytest.raises(SystemExit):
+        main(["convert", str(saved[1]), str(tmp_path / "x")])  # --base is required
+    assert "the following arguments are required: --base" in capsys.readouterr().err
+
+
+def test_smollm2_adapter_loads_from_the_command_line(smollm2_dir, tmp_path, capsys):
+    """The real model at the default rank: save, then load-check in one command (a bf16 base:
+    loading it in NF4 twice would double this test's time; the tiny tests cover NF4)."""
+    model, tokenizer = load_base(ModelConfig(name="smollm2-135m", quantization="bf16"))
+    attach_vera(model, VeraConfig())
+    randomize_vectors(model, 1)
+    with torch.no_grad():
+        batch = tokenizer(["The capital of France is"], return_tensors="pt")
+        expected = tokenizer.decode(model(**batch).logits[0, -1].argmax())
+    folder = save_adapter(model, tmp_path / "smollm2-adapter", dtype=torch.bfloat16)
+    assert main(["load-check", str(folder), "--quantization", "bf16", "--prompt", "The capital of France is"]) == 0
+    out = capsys.readouterr().out
+    assert "rank:         512" in out and "targets:      210 layers" in out
+    assert f"loaded onto smollm2-135m (bf16); next token after 'The capital of France is': {expected!r}" in out
