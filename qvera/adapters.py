@@ -124,7 +124,7 @@ def adapter_from_model(model: nn.Module) -> Adapter:
         raise ValueError("the adapter is merged into the weights; call qvera.merge.unmerge(model) before saving it")
     projections = shared_projections(model)
     vectors = vector_state(model)
-    vera = getattr(model, "vera_config", VeraConfig(rank=projections.rank, seed=projections.seed))
+    vera = model.vera_config
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -211,7 +211,7 @@ def write_adapter(adapter: Adapter, folder: str | Path, *, dtype: torch.dtype = 
         raise ValueError(f"adapter vectors are saved as float32 or bfloat16, not {dtype}")
     folder = Path(folder)
     data = serialize_vectors(adapter.vectors, dtype)
-    config = dict(adapter.config)
+    config = {**adapter.config, "format": FORMAT, "format_version": FORMAT_VERSION, "qvera_version": _qvera_version()}
     config["vectors"] = {
         "file": VECTORS_FILE,
         "dtype": names[dtype],

@@ -77,10 +77,8 @@ def merge_to_folder(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     config.dtype = MERGED_DTYPE
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=MERGED_DTYPE)
-    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(plain, "all_tied_weights_keys", None) or {})
-    assert not unexpected and set(missing) <= tied, (missing, unexpected)
-    plain.tie_weights()
+    plain.load_state_dict(state, strict=True, assign=True)
+    plain.tie_weights()  # assign=True replaced the tied tensors one by one
     if model.generation_config is not None:
         plain.generation_config = copy.deepcopy(model.generation_config)
     folder = Path(folder)

@@ -18,10 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import (
-    FORMAT,
-    FORMAT_VERSION,
     Adapter,
-    _qvera_version,
     adapter_from_model,
     atomic_folder,
     check_fits,
@@ -106,9 +103,8 @@ def import_peft(folder: str | Path, model: nn.Module | None = None) -> Adapter:
         fingerprint = projections_fingerprint(A, B)
     targets = {key.removesuffix(".lambda_b"): [value.shape[0], None] for key, value in vectors.items() if key.endswith(".lambda_b")}
     config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "qvera_version": _qvera_version(),
+        "format": "peft-vera",  # write_adapter stamps qvera's own format when saving it
+        "format_version": peft_config.get("peft_version"),
         "rank": rank,
         "seed": seed,
         "d_initial": peft_config.get("d_initial", 0.1),

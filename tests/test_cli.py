@@ -49,7 +49,8 @@ def test_inspect_qvera_and_peft_folders(saved, tiny_llama_dir, capsys):
     assert f"base model:   {tiny_llama_dir}" in out and f"fingerprint:  {fingerprint}" in out
     assert main(["inspect", str(peft_folder)]) == 0
     out = capsys.readouterr().out
-    assert "rank:         8" in out and "14 layers" in out and "fingerprint:  not recorded" in out
+    assert "format:       peft-vera v0.21.2" in out and "rank:         8" in out and "14 layers" in out
+    assert "fingerprint:  not recorded" in out  # peft regenerates A and B from the seed unchecked
 
 
 def test_export_bf16_and_to_peft(saved, tmp_path):
