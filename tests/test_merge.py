@@ -15,7 +15,7 @@ from qvera.adapters import save_adapter
 from qvera.merge import merge, merge_to_folder, unmerge
 from qvera.model import vector_state, vera_layers
 
-from test_adapters import REPO, adapted, logits
+from test_adapters import adapted, logits
 
 PLAIN_LOAD = """
 import sys, torch
