@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import nullcontext
 
 import bitsandbytes as bnb
 import torch
@@ -42,9 +43,16 @@ def generate_projections(rank: int, in_features: int, out_features: int, seed: i
 
 
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def autocast_off(x: torch.Tensor):
+    """The adapter math picks its dtype itself; autocast would re-cast A and B on every call."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
 
 
 class SharedProjections(nn.Module):
@@ -93,11 +101,12 @@ class ProjectDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A):
         ctx.A = A
+        ctx.set_materialize_grads(False)  # folded layers send no gradient back through `A x`
         return F.linear(x, A)
 
     @staticmethod
     def backward(ctx, grad_ax):
-        return grad_ax @ ctx.A, None
+        return (None if grad_ax is None else grad_ax @ ctx.A), None
 
 
 def _vector_grads(grad_out, ax, lambda_d, lambda_b, B):
@@ -127,7 +136,11 @@ class VeraDelta(torch.autograd.Function):
 
 def delta_weight(lambda_d, lambda_b, A, B) -> torch.Tensor:
     """ΔW = Λb B Λd A (out x in), in A's dtype."""
-    return (B * lambda_b.to(B.dtype)[:, None] * lambda_d.to(B.dtype)) @ A
+    return scaled_B(lambda_d, lambda_b, B) @ A
+
+
+def scaled_B(lambda_d, lambda_b, B) -> torch.Tensor:
+    return B * torch.outer(lambda_b, lambda_d).to(B.dtype)
 
 
 class FoldedVeraLinear(torch.autograd.Function):
@@ -138,14 +151,13 @@ class FoldedVeraLinear(torch.autograd.Function):
     def forward(ctx, x, ax, lambda_d, lambda_b, base_weight, bias, A, B):
         ctx.base_weight, ctx.A, ctx.B = base_weight, A, B
         ctx.save_for_backward(ax, lambda_d, lambda_b)
-        weight = base_weight() + delta_weight(lambda_d, lambda_b, A, B)
+        weight = torch.addmm(base_weight(), scaled_B(lambda_d, lambda_b, B), A)
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         ax, lambda_d, lambda_b = ctx.saved_tensors
-        weight = ctx.base_weight() + delta_weight(lambda_d, lambda_b, ctx.A, ctx.B)
-        grad_x = grad_out @ weight
+        grad_x = grad_out @ torch.addmm(ctx.base_weight(), scaled_B(lambda_d, lambda_b, ctx.B), ctx.A)
         grad_d, grad_b = _vector_grads(grad_out, ax, lambda_d, lambda_b, ctx.B)
         return grad_x, None, grad_d, grad_b, None, None, None, None
 
@@ -204,22 +216,25 @@ class VeraLinear(nn.Module):
         A, B = projections.sliced(self.in_features, self.out_features, dtype)
         # The vectors are fp32 whatever a trainer did to them; the math below casts copies.
         lambda_d, lambda_b = self.lambda_d.float(), self.lambda_b.float()
-        with torch.autocast(x.device.type, enabled=False):
-            x_c = x.to(dtype)
-            ax = projections.project(x_c, A)
-            if self.row_vectors is not None:
-                d_rows, b_rows = self.row_vectors
-                base = self._base_forward(x_c)
-                delta = F.linear(ax * d_rows.to(dtype)[:, None, :], B) * b_rows.to(dtype)[:, None, :]
-                return base + delta
-            if self._should_fold(x_c.numel() // x_c.shape[-1]):
+        if self.row_vectors is None and self._should_fold(x.numel() // x.shape[-1]):
+            with autocast_off(x):
+                x_c = x.to(dtype)
+                weight = lambda: self.dequantized_weight(dtype)
                 return FoldedVeraLinear.apply(
-                    x_c, ax, lambda_d, lambda_b, lambda: self.dequantized_weight(dtype), self.base_layer.bias, A, B
+                    x_c, projections.project(x_c, A), lambda_d, lambda_b, weight, self.base_layer.bias, A, B
                 )
-            return self._base_forward(x_c) + VeraDelta.apply(ax, lambda_d, lambda_b, B)
+        base = self._base_forward(x)  # exactly as without VeRA, under the caller's autocast
+        with autocast_off(x):
+            ax = projections.project(x.to(dtype), A)
+            if self.row_vectors is None:
+                delta = VeraDelta.apply(ax, lambda_d, lambda_b, B)
+            else:
+                d_rows, b_rows = self.row_vectors
+                delta = F.linear(ax * d_rows.to(dtype)[:, None, :], B) * b_rows.to(dtype)[:, None, :]
+        return base + delta.to(base.dtype)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
         if is_4bit(layer) and torch.is_grad_enabled():
             unpack_cpu_4bit(layer)  # repacked weights would silently drop the input gradient
-        return layer(x).to(x.dtype)
+        return layer(x)
