@@ -1,0 +1,42 @@
+"""Held-out loss and perplexity of a base model, with or without an adapter, on a data file.
+
+    python scripts/eval.py --model smollm2-135m --adapter runs/sft/adapter --dataset held_out.json
+
+The loss is per answer token (assistant turns only, as training sees them); rows whose answer
+is a few tokens long are also answered greedily and scored by exact match. Prints JSON.
+"""
+
+import argparse
+import json
+
+from transformers.utils import logging as hf_logging
+
+from qvera.evaluate import exact_match, heldout_loss, load_examples, load_model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="base: smollm2-135m, a local folder or a hub id")
+    parser.add_argument("--adapter", help="a qvera adapter folder or a peft adapter folder; none: the base alone")
+    parser.add_argument("--dataset", required=True, help="a .json/.jsonl file (messages, Alpaca or prompt-completion rows)")
+    parser.add_argument("--limit", type=int, help="score a fixed random subset of this many rows")
+    parser.add_argument("--seed", type=int, default=0, help="which subset --limit picks")
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per example, as in training")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    hf_logging.disable_progress_bar()
+    convs = load_examples(args.dataset, args.limit, args.seed)
+    model, tokenizer = load_model(args.model, args.adapter, args.quantization)
+    report = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "dataset": args.dataset,
+        "heldout": heldout_loss(model, tokenizer, convs, args.max_length, args.batch_size),
+        "short_answers": exact_match(model, tokenizer, convs),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
