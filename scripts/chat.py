@@ -34,7 +34,10 @@ def main() -> None:
     model, tokenizer = load_base(ModelConfig(name=args.model, quantization=args.quantization))
     chat = Chat(model, tokenizer, system=args.system, sampling=sampling)
     if args.adapter:
-        chat.use_adapter(args.adapter)
+        try:
+            chat.use_adapter(args.adapter)
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
 
     if args.prompt is not None:
         for piece in chat.reply(args.prompt):

@@ -6,6 +6,7 @@
 """
 
 import argparse
+import sys
 
 from qvera import ModelConfig, load_base
 from qvera.generation import Sampling
@@ -29,17 +30,20 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_base(ModelConfig(name=args.model, quantization=args.quantization))
-    server = ChatServer(
-        model,
-        tokenizer,
-        args.adapters,
-        host=args.host,
-        port=args.port,
-        max_resident=args.max_resident,
-        max_batch_size=args.max_batch_size,
-        batch_window=args.batch_window_ms / 1000,
-        defaults=Sampling(args.temperature, args.top_p, args.max_tokens),
-    )
+    try:
+        server = ChatServer(
+            model,
+            tokenizer,
+            args.adapters,
+            host=args.host,
+            port=args.port,
+            max_resident=args.max_resident,
+            max_batch_size=args.max_batch_size,
+            batch_window=args.batch_window_ms / 1000,
+            defaults=Sampling(args.temperature, args.top_p, args.max_tokens),
+        )
+    except (ValueError, FileNotFoundError, OSError) as err:
+        sys.exit(f"error: {err}")
     print(f"serving {server.base_name} and the adapters in {args.adapters} at {server.url}", flush=True)
     server.serve_forever()
 

@@ -1,6 +1,10 @@
 """AdapterBank: many adapters beside one base, with upstream peft's VeRA as the per-row oracle."""
 
 import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +106,21 @@ def test_bytes_per_adapter_counts_fp32_vectors(bank):
     assert bank.bytes_per_adapter() == 4 * numbers
     bank.remove("a")
     assert bank.names() == ["b", "c"]
+
+
+def test_serving_benchmark_reports_speeds_and_sizes(tiny_llama_dir, tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "bench_serving.py"
+    args = ["--model", tiny_llama_dir, "--quantization", "fp32", "--rank", "8", "--adapters", "3", "--new-tokens", "3", "--repeats", "1"]
+    result = subprocess.run([sys.executable, str(script), *args, "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    speed = report["decode_tokens_per_s"]
+    assert set(speed) == {"mixed", "single", "loop"} and all(v > 0 for v in speed.values())
+    assert report["mixed_over_single"] == pytest.approx(speed["mixed"] / speed["single"])
+    # Tiny Llama: 2 layers of q, k, v, o, gate, up, down; b has each layer's output size.
+    per_layer = 7 * 8 + 64 + 32 + 32 + 64 + 160 + 160 + 64
+    assert report["bytes_per_resident_adapter"] == 4 * 2 * per_layer
+    # Llama-2-7B: 32 layers; outputs 4096 (q, k, v, o, down) and 11008 (gate, up).
+    llama = 4 * 32 * (7 * 8 + 5 * 4096 + 2 * 11008)
+    assert report["llama2_7b"] == {"rank": 8, "bytes_per_adapter": llama, "adapters_per_GB": 10**9 // llama}
+    assert "mixed / single = " in result.stdout
