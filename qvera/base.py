@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .model import disable_cpu_repacking
 
 BUILTIN_SMOLLM2 = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -122,5 +123,6 @@ def load_base(config: ModelConfig | str, device_map: str | dict | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     for param in model.parameters():
         param.requires_grad_(False)
+    disable_cpu_repacking(model)
     model.qvera_base_name = config.name
     return model, tokenizer

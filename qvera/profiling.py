@@ -28,7 +28,7 @@ def count_saved_tensors():
         size = tensor.numel() * tensor.element_size()
         result.total += size
         storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
+        key = storage._cdata  # the storage itself (data pointers are all 0 on the meta device)
         if key not in seen:
             seen.add(key)
             result.unique += storage.nbytes()

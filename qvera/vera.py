@@ -9,10 +9,10 @@ in/out is smaller than the shared maximum uses the leading slice, as upstream pe
 Everything else in qvera calls this module. Three choices keep high rank cheap:
 - `A x` is computed once per input tensor and shared by the layers that read it (q/k/v,
   gate/up), in the forward and, through autograd's accumulation, in the backward;
-- the custom autograd functions save only `A x` (r values a token) for the backward;
-  the gradients of d and b both follow from M = gᵀ(A x) (out x r);
-- when a call has more tokens than in*out/(in+out)-ish, ΔW = Λb B Λd A is folded into the
-  (dequantized) weight so the layer is one matmul; its cost no longer grows with tokens.
+- past 2·in·out/(in+out) tokens a call, ΔW = Λb B Λd A is folded into the (dequantized)
+  weight, so the layer is one matmul whose cost no longer grows with r·tokens, and only
+  `A x` (r values a token) is saved: the gradients of d and b both follow from M = gᵀ(A x);
+- below that, the unfolded path saves `A x` and B(d·A x) and needs one matmul in the backward.
 """
 
 from __future__ import annotations
@@ -117,21 +117,27 @@ def _vector_grads(grad_out, ax, lambda_d, lambda_b, B):
 
 
 class VeraDelta(torch.autograd.Function):
-    """b * (B (d * A x)) from a precomputed `A x`; saves only `A x` and the two vectors."""
+    """b * (B (d * A x)) from a precomputed `A x`. Used when a call has few tokens, where
+    saving the out-sized `B (d * A x)` is cheap and spares the backward a matmul."""
 
     @staticmethod
     def forward(ctx, ax, lambda_d, lambda_b, B):
         ctx.B = B
-        ctx.save_for_backward(ax, lambda_d, lambda_b)
-        return F.linear(ax * lambda_d.to(ax.dtype), B) * lambda_b.to(ax.dtype)
+        v = F.linear(ax * lambda_d.to(ax.dtype), B)
+        ctx.save_for_backward(ax, v, lambda_d, lambda_b)
+        return v * lambda_b.to(ax.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        ax, lambda_d, lambda_b = ctx.saved_tensors
-        B = ctx.B
-        grad_ax = (grad_out * lambda_b.to(grad_out.dtype)) @ B * lambda_d.to(grad_out.dtype)
-        grad_d, grad_b = _vector_grads(grad_out, ax, lambda_d, lambda_b, B)
-        return grad_ax, grad_d, grad_b, None
+        ax, v, lambda_d, lambda_b = ctx.saved_tensors
+        grad_u = (grad_out * lambda_b.to(grad_out.dtype)) @ ctx.B
+        grad_d = _token_sum(grad_u * ax, lambda_d.dtype)
+        grad_b = _token_sum(grad_out * v, lambda_b.dtype)
+        return grad_u * lambda_d.to(grad_u.dtype), grad_d, grad_b, None
+
+
+def _token_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).sum(0, dtype=dtype)
 
 
 def delta_weight(lambda_d, lambda_b, A, B) -> torch.Tensor:
@@ -204,11 +210,11 @@ class VeraLinear(nn.Module):
         return layer.weight.to(dtype)
 
     def _should_fold(self, tokens: int) -> bool:
-        """Folding costs 2·out·in·r (ΔW built in forward and backward); the unfolded path costs
-        about tokens·(2·out + in)·r more than the fold's own `gᵀ(A x)`."""
+        """Per r: folding costs 2·out·in (ΔW built in forward and backward) + tokens·(out + in)
+        (`A x` and gᵀ(A x)); the unfolded path tokens·2·(out + in). Fold past the crossover."""
         if not (self.fold and torch.is_grad_enabled()) or isinstance(self.base_layer, bnb.nn.Linear8bitLt):
             return False  # without gradients the unfolded path is cheaper at decode sizes
-        return 2 * self.out_features * self.in_features < tokens * (2 * self.out_features + self.in_features)
+        return 2 * self.out_features * self.in_features < tokens * (self.out_features + self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projections = self.projections[0]

@@ -10,6 +10,11 @@ parameters; adapter file bytes.
 
     python scripts/bench.py                      # SmolLM2-135M in NF4, batch 4 x 256, bf16 autocast
     python scripts/bench.py --json bench.json    # also write the rows as JSON
+    python scripts/bench.py --meta llama2-7b     # work and saved bytes at Llama-2-7B shapes, no weights
+
+`--meta` builds the model on PyTorch's meta device (shapes only, nothing computed), so it
+counts floating-point work and bytes saved for the backward of any size on any machine; it
+has no timings. There the model is bf16 without autocast (the meta device has none).
 """
 
 from __future__ import annotations
@@ -32,10 +37,28 @@ from qvera.profiling import count_flops, count_saved_tensors, median_seconds
 VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:256", "qvera:512", "qvera:1024"]
 
 
-def build(model_name: str, variant: str):
+META_CONFIGS = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def meta_model(name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**META_CONFIGS[name])).to(torch.bfloat16)
+    model.requires_grad_(False)
+    return model
+
+
+def build(model_name: str, variant: str, meta: str | None = None):
     method, _, rank = variant.partition(":")
     rank = int(rank or 0)
-    model, _ = qvera.load_base(qvera.ModelConfig(name=model_name, quantization="nf4"))
+    if meta:
+        model = meta_model(meta)
+    else:
+        model, _ = qvera.load_base(qvera.ModelConfig(name=model_name, quantization="nf4"))
     model.train()
     if method == "floor":
         model.enable_input_require_grads()  # backward to the inputs, as a frozen base trains nothing
@@ -50,7 +73,7 @@ def build(model_name: str, variant: str):
         )
         model = get_peft_model(model, config)
         for param in model.parameters():
-            if param.requires_grad:
+            if param.requires_grad and not meta:
                 param.data = param.data.float()
     elif method == "qvera":
         qvera.attach_vera(model, qvera.VeraConfig(rank=rank))
@@ -110,6 +133,44 @@ def measure(model_name: str, variant: str, batch: int, seq: int, repeats: int) -
     return row
 
 
+def measure_meta(config: str, variant: str, batch: int, seq: int) -> dict:
+    model, method, rank = build("", variant, meta=config)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    with count_saved_tensors() as saved:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    row = dict(variant=method, rank=rank, step_s=None, tflop=round(count_flops(step) / 1e12, 3),
+               saved_bytes=saved.unique, saved_bytes_naive=saved.total, trainable=trainable)
+    del model
+    gc.collect()
+    return row
+
+
+def meta_markdown(rows: list[dict]) -> str:
+    floor = next(r for r in rows if r["variant"] == "floor")
+    peft_vera = next((r for r in rows if r["variant"] == "peft-vera"), None)
+    gb = 2**30
+    lines = [
+        "| variant | rank | TFLOP/step | adapter TFLOP | adapter work x peft VeRA's | saved GB | excess GB "
+        "| excess GB (naive) | trainable |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        extra = r["tflop"] - floor["tflop"]
+        vs = f"{extra / (peft_vera['tflop'] - floor['tflop']):.2f}" if peft_vera and r["variant"] != "floor" else "-"
+        lines.append(
+            f"| {r['variant']} | {r['rank'] or '-'} | {r['tflop']:.2f} | {extra:.2f} | {vs} | {r['saved_bytes'] / gb:.2f} "
+            f"| {(r['saved_bytes'] - floor['saved_bytes']) / gb:+.2f} "
+            f"| {(r['saved_bytes_naive'] - floor['saved_bytes_naive']) / gb:+.2f} | {r['trainable']:,} |"
+        )
+    return "\n".join(lines)
+
+
 def add_ratios(rows: list[dict], reference_rank: int) -> None:
     floor = next(r for r in rows if r["variant"] == "floor")
     peft_vera = next((r for r in rows if r["variant"] == "peft-vera" and r["rank"] == reference_rank), None)
@@ -149,17 +210,26 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=4, help="timed steps per variant (default: %(default)s)")
     parser.add_argument("--reference-rank", type=int, default=512, help="peft VeRA rank for ratios (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
+    parser.add_argument("--meta", choices=sorted(META_CONFIGS), help="count work and bytes at these shapes, no timing")
     args = parser.parse_args(argv)
     if "floor" not in args.variants:
         parser.error("--variants must include 'floor': every ratio is taken against it")
 
+    command = f"python scripts/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     torch.manual_seed(0)
     rows = []
+    if args.meta:
+        rows = [measure_meta(args.meta, variant, args.batch, args.seq) for variant in args.variants]
+        print(f"command: {command}")
+        print(meta_markdown(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return
     for variant in args.variants:
         rows.append(measure(args.model, variant, args.batch, args.seq, args.repeats))
         print(f"{variant}: {rows[-1]['step_s']:.2f} s/step", file=sys.stderr, flush=True)
     add_ratios(rows, args.reference_rank)
-    print(f"command: python scripts/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"command: {command}")
     print(f"torch threads: {torch.get_num_threads()}, cpu count: {os.cpu_count()}")
     print(markdown(rows))
     if args.json:
