@@ -210,3 +210,20 @@ def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | P
     tmp = Path(plot_path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, plot_path)
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per run, as docs/quality.md shows them."""
+    lines = [
+        "| run | trainable params | adapter bytes | train time (s) | Alpaca loss | Alpaca ppl | LIMA loss | short-answer exact match |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        short = r["alpaca_short_answers"]
+        match = "-" if short["exact_match"] is None else f"{round(short['exact_match'] * short['examples'])}/{short['examples']}"
+        lines.append(
+            f"| {r['name']} | {r['trainable_params']:,} | {r['adapter_bytes']:,} | {r['train_seconds']:.0f} | "
+            f"{r['alpaca_heldout']['loss']:.4f} | {r['alpaca_heldout']['perplexity']:.2f} | {r['lima_heldout']['loss']:.4f} | {match} |"
+        )
+    return "\n".join(lines)
+

@@ -9,7 +9,7 @@ import json
 
 from transformers.utils import logging as hf_logging
 
-from qvera.study import StudyRun, run_one, write_report
+from qvera.study import StudyRun, collect, markdown_table, run_one, write_report
 
 
 def main():
@@ -35,6 +35,7 @@ def main():
         print(json.dumps({k: v for k, v in result.items() if k != "train_loss_log"}, indent=2))
     else:
         write_report(args.runs, args.json, args.plot)
+        print(markdown_table(collect(args.runs)))
         print(f"wrote {args.json} and {args.plot}")
 
 

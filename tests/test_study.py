@@ -1,8 +1,9 @@
 import json
+import math
 
 import pytest
 
-from qvera.study import StudyRun, best_per_rank, collect, write_report
+from qvera.study import StudyRun, best_per_rank, collect, markdown_table, write_report
 
 
 def fake_result(folder, method, rank, lr, loss, params):
@@ -11,8 +12,11 @@ def fake_result(folder, method, rank, lr, loss, params):
         "run": {"method": method, "rank": rank, "learning_rate": lr, "d_initial": 0.1},
         "name": run.name,
         "trainable_params": params,
-        "alpaca_heldout": {"loss": loss},
+        "alpaca_heldout": {"loss": loss, "perplexity": math.exp(loss)},
         "lima_heldout": {"loss": loss + 0.5},
+        "alpaca_short_answers": {"exact_match": 0.25, "examples": 12},
+        "adapter_bytes": 4 * params,
+        "train_seconds": 100.0,
     }
     (folder / run.name).mkdir(parents=True)
     (folder / run.name / "result.json").write_text(json.dumps(result))
@@ -30,6 +34,9 @@ def test_report_picks_the_best_learning_rate_per_rank(tmp_path):
     best = {r["name"] for r in best_per_rank(collect(runs))}
     assert best == {"base", "vera-r512-lr0.03-n128", "lora-r16-lr0.001-n128"}
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = markdown_table(results).splitlines()
+    assert len(table) == 2 + 4
+    assert table[3] == "| vera-r512-lr0.01-n128 | 263,040 | 1,052,160 | 100 | 1.8000 | 6.05 | 2.3000 | 3/12 |"
 
 
 def test_run_names_and_bad_runs():
