@@ -111,9 +111,9 @@ class ProjectDown(torch.autograd.Function):
 
 def _vector_grads(grad_out, ax, lambda_d, lambda_b, B):
     """∂/∂d and ∂/∂b from M = gᵀ(A x): d_k = Σ_o b_o B_ok M_ok, b_o = Σ_k B_ok d_k M_ok."""
-    M = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ ax.reshape(-1, ax.shape[-1])).to(lambda_d.dtype)
-    BM = B.to(M.dtype) * M
-    return BM.t() @ lambda_b, BM @ lambda_d
+    M = grad_out.reshape(-1, grad_out.shape[-1]).t() @ ax.reshape(-1, ax.shape[-1])
+    BM = M.to(lambda_d.dtype).mul_(B)
+    return lambda_b @ BM, BM @ lambda_d
 
 
 class VeraDelta(torch.autograd.Function):
@@ -142,11 +142,12 @@ def _token_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def delta_weight(lambda_d, lambda_b, A, B) -> torch.Tensor:
     """ΔW = Λb B Λd A (out x in), in A's dtype."""
-    return scaled_B(lambda_d, lambda_b, B) @ A
+    return (B * lambda_b.to(B.dtype)[:, None]) @ (A * lambda_d.to(A.dtype)[:, None])
 
 
-def scaled_B(lambda_d, lambda_b, B) -> torch.Tensor:
-    return B * torch.outer(lambda_b, lambda_d).to(B.dtype)
+def folded_weight(base_weight, lambda_d, lambda_b, A, B) -> torch.Tensor:
+    """W0 + ΔW in one addmm; scaling A's rows and B's rows costs less than forming Λb B Λd."""
+    return torch.addmm(base_weight, B * lambda_b.to(B.dtype)[:, None], A * lambda_d.to(A.dtype)[:, None])
 
 
 class FoldedVeraLinear(torch.autograd.Function):
@@ -157,13 +158,13 @@ class FoldedVeraLinear(torch.autograd.Function):
     def forward(ctx, x, ax, lambda_d, lambda_b, base_weight, bias, A, B):
         ctx.base_weight, ctx.A, ctx.B = base_weight, A, B
         ctx.save_for_backward(ax, lambda_d, lambda_b)
-        weight = torch.addmm(base_weight(), scaled_B(lambda_d, lambda_b, B), A)
+        weight = folded_weight(base_weight(), lambda_d, lambda_b, A, B)
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         ax, lambda_d, lambda_b = ctx.saved_tensors
-        grad_x = grad_out @ torch.addmm(ctx.base_weight(), scaled_B(lambda_d, lambda_b, ctx.B), ctx.A)
+        grad_x = grad_out @ folded_weight(ctx.base_weight(), lambda_d, lambda_b, ctx.A, ctx.B)
         grad_d, grad_b = _vector_grads(grad_out, ax, lambda_d, lambda_b, ctx.B)
         return grad_x, None, grad_d, grad_b, None, None, None, None
 
