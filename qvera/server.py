@@ -57,7 +57,8 @@ class AdapterStore:
             raise FileNotFoundError(f"adapters folder {self.folder} does not exist; create it and save adapters into it")
         if not hasattr(model, PROJECTIONS_ATTR):
             attach_vera(model, self.first_fitting().vera_config)
-        self.bank = AdapterBank(model, max_resident=max_resident)
+        # Vectors kept in the compute dtype (bf16 for an NF4 base): half the memory, same results.
+        self.bank = AdapterBank(model, max_resident=max_resident, dtype=model.dtype)
         self.lock = threading.Lock()
 
     def first_fitting(self):

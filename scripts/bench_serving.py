@@ -10,11 +10,13 @@ prompts and adapters (random vectors; speed does not depend on their values):
 Every row decodes exactly `--new-tokens` tokens (no end token stops it). Decode tokens/s
 counts the tokens after the first, over the time after the prefill; `--repeats` runs the
 three in turn and keeps each one's best (the least disturbed by other load). Also printed:
-memory per resident adapter, and how many Llama-2-7B adapters at the same rank fit in 1 GB
-(sizes from a meta-device model).
+memory per resident adapter (vectors kept in the compute dtype, as the server keeps them), and
+how many Llama-2-7B adapters at the same rank and dtype fit in 1 GB (10^9 bytes; sizes from a
+meta-device model).
 
     python scripts/bench_serving.py                    # SmolLM2-135M in NF4, 32 adapters at r=512
     python scripts/bench_serving.py --json serving.json
+    python scripts/bench_serving.py --threads 1 --new-tokens 8 --loop-adapters 8   # a busy CPU
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -58,6 +61,9 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=32, help="distinct adapters, one per prompt")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--loop-adapters", type=int, default=None, help="time the loop on the first N adapters only (its rate does not depend on N)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -66,7 +72,7 @@ def main() -> None:
 
     model, tokenizer = load_base(ModelConfig(name=args.model, quantization=args.quantization))
     attach_vera(model, VeraConfig(rank=args.rank))
-    bank = AdapterBank(model)
+    bank = AdapterBank(model, dtype=model.dtype)  # as the server keeps them: in the compute dtype
     generator = torch.Generator().manual_seed(0)
     names = [f"adapter-{i}" for i in range(args.adapters)]
     for name in names:
@@ -74,33 +80,37 @@ def main() -> None:
     rows = json.loads(PROMPTS.read_text())[: args.adapters]
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": r["instruction"]}]) for r in rows]
 
+    loop_count = min(args.loop_adapters or len(prompts), len(prompts))
     best: dict[str, tuple[float, float]] = {}
 
     def keep(label, prefill, decode):
         if label not in best or decode < best[label][1]:
             best[label] = (prefill, decode)
 
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         keep("mixed", *timed_decode(model, tokenizer, prompts, args.new_tokens, bank.mixed_batch(names)))
         bank.activate(names[0])
         keep("single", *timed_decode(model, tokenizer, prompts, args.new_tokens, nullcontext()))
         prefill = decode = 0.0
-        for name, prompt in zip(names, prompts):
+        for name, prompt in list(zip(names, prompts))[:loop_count]:
             bank.activate(name)
             p, d = timed_decode(model, tokenizer, [prompt], args.new_tokens, nullcontext())
             prefill, decode = prefill + p, decode + d
-        keep("loop", prefill, decode)
+        # Scaled to all prompts, so the three rows answer the same work.
+        keep("loop", prefill * len(prompts) / loop_count, decode * len(prompts) / loop_count)
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} decode {v[1]:.1f} s" for k, v in best.items()), file=sys.stderr, flush=True)
 
     decoded = len(prompts) * (args.new_tokens - 1)
     speed = {label: decoded / decode for label, (_, decode) in best.items()}
     per_adapter = bank.bytes_per_adapter()
     llama = llama2_7b_adapter_size(args.rank)
-    llama_bytes = 4 * llama["parameters"]  # resident vectors are fp32
+    llama_bytes = llama["parameters"] * bank.dtype.itemsize
     results = {
         "setting": {
             "model": args.model, "quantization": args.quantization, "rank": args.rank, "prompts": len(prompts),
             "adapters": args.adapters, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "threads": torch.get_num_threads(), "device": str(bank.device),
+            "resident_dtype": str(bank.dtype).removeprefix("torch."),
+            "loop_adapters_timed": loop_count, "threads": torch.get_num_threads(), "device": str(bank.device),
         },
         "decode_tokens_per_s": speed,
         "seconds": {label: {"prefill": p, "decode": d} for label, (p, d) in best.items()},
@@ -113,11 +123,11 @@ def main() -> None:
     print(f"{s['model']} ({s['quantization']}), rank {s['rank']}, {s['prompts']} prompts, {s['new_tokens']} new tokens, "
           f"{s['threads']} threads on {s['device']}")
     for label, text in (("mixed", f"{args.adapters} distinct adapters, one batch"), ("single", "one adapter, one batch"),
-                        ("loop", "one adapter at a time")):
+                        ("loop", f"one adapter at a time ({loop_count} timed, scaled to {len(prompts)})")):
         p, d = best[label]
         print(f"  {label:6} {speed[label]:8.1f} decode tokens/s  (prefill {p:.2f} s, decode {d:.2f} s)  {text}")
     print(f"  mixed / single = {results['mixed_over_single']:.3f}   mixed / loop = {results['mixed_over_loop']:.2f}")
-    print(f"  memory per resident adapter: {per_adapter:,} bytes (fp32 vectors)")
+    print(f"  memory per resident adapter: {per_adapter:,} bytes ({s['resident_dtype']} vectors)")
     print(f"  Llama-2-7B, r={args.rank}: {llama_bytes:,} bytes per adapter, {results['llama2_7b']['adapters_per_GB']} adapters per GB")
     if args.json:
         staging = Path(f"{args.json}.tmp")

@@ -88,6 +88,17 @@ def test_mixed_batch_rows_equal_each_prompt_alone_nf4(tmp_path):
     model, tokenizer, bank = model_with_bank(save_tiny_llama(tmp_path / "tiny"), "nf4")
     # bf16 compute: batched and single matmuls may round differently in the last bf16 bit.
     assert_rows_match_alone(model, tokenizer, bank, atol=2e-2, rtol=1e-2, steps=3)
+    # Vectors resident in the compute dtype give the very same logits at half the memory.
+    assert model.dtype == torch.bfloat16
+    half = AdapterBank(model, dtype=model.dtype)
+    for name in ("a", "b"):
+        half.add(name, bank.adapters[name])
+    assert half.bytes_per_adapter() * 2 == bank.bytes_per_adapter()
+    with bank.mixed_batch(ROW_ADAPTERS):
+        full_steps = run_steps(model, tokenizer, CONVERSATIONS, 2)
+    with half.mixed_batch(ROW_ADAPTERS):
+        half_steps = run_steps(model, tokenizer, CONVERSATIONS, 2)
+    assert all(torch.equal(f.logits, h.logits) for f, h in zip(full_steps, half_steps))
 
 
 def test_decode_loop_matches_transformers_generate(fp32_setup):
