@@ -33,7 +33,8 @@ from .generation import Sampling, TextStream, chat_prompt, decode_steps, end_tok
 from .model import PROJECTIONS_ATTR, attach_vera
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n"}
+SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
+FIELDS = {"model", "messages", "stream", "stream_options", "n", *SAMPLING_FIELDS}
 
 
 class RequestError(Exception):
@@ -124,6 +125,8 @@ class ChatServer:
         batch_window: float = 0.02,
         defaults: Sampling = Sampling(),
     ):
+        if max_batch_size < 1 or batch_window < 0:
+            raise ValueError(f"max_batch_size must be at least 1 and batch_window at least 0, got {max_batch_size} and {batch_window}")
         self.model, self.tokenizer, self.defaults = model, tokenizer, defaults
         self.base_name = getattr(model, "qvera_base_name", None) or "base"
         self.store = AdapterStore(model, adapters_folder, max_resident)
@@ -193,7 +196,10 @@ class ChatServer:
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise RequestError(400, "'stream_options' supports only include_usage", "stream_options")
         sampling = self.sampling(body)
-        prompt = chat_prompt(self.tokenizer, messages)
+        try:
+            prompt = chat_prompt(self.tokenizer, messages)
+        except Exception as err:  # the template's own checks (say, on the order of roles)
+            raise RequestError(400, f"the model's chat template rejects these messages: {err}", "messages") from err
         if self.context and len(prompt) + sampling.max_new_tokens > self.context:
             raise RequestError(
                 400,
@@ -208,7 +214,7 @@ class ChatServer:
 
     def sampling(self, body: dict) -> Sampling:
         values = {}
-        for key, attr in (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "max_new_tokens"), ("max_completion_tokens", "max_new_tokens")):
+        for key, attr in SAMPLING_FIELDS.items():
             value = body.get(key)
             if value is None:
                 continue
