@@ -181,6 +181,33 @@ def generate(
     return [s.text for s in streams]
 
 
+def reply_batch(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    adapter_folders: list[str | None],
+    system: str | None = None,
+    sampling: Sampling = GREEDY,
+) -> list[str]:
+    """Answer each prompt with its own adapter folder (None: the base), all in one mixed batch."""
+    from .adapters import attach_adapter, check_fits, read_adapter
+    from .bank import AdapterBank
+
+    if len(adapter_folders) != len(prompts):
+        raise ValueError(f"got {len(adapter_folders)} adapters for {len(prompts)} prompts; give one per prompt (or `none`)")
+    adapters = {folder: read_adapter(folder) for folder in adapter_folders if folder is not None}
+    if adapters and not vera_layers(model):
+        attach_adapter(model, next(iter(adapters.values())))  # A and B as the adapters were trained
+    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompts]
+    if not vera_layers(model):
+        return generate(model, tokenizer, conversations, sampling=sampling)
+    bank = AdapterBank(model, dtype=model.dtype)
+    for folder, adapter in adapters.items():
+        check_fits(adapter, model, source=folder)
+        bank.add(folder, adapter.vectors)
+    return generate(model, tokenizer, conversations, adapter_folders, bank, sampling)
+
+
 class Chat:
     """A multi-turn conversation with one model; `reply` streams the answer as it is made."""
 

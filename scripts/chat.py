@@ -2,16 +2,18 @@
 
     python scripts/chat.py --adapter runs/sft/adapter
     python scripts/chat.py --prompt "Write a haiku about rivers."     # answer once and exit
+    python scripts/chat.py --prompt "Hi" --adapter a/ --prompt "Hi" --adapter none   # one batch, JSON lines
 
 In the chat: /reset clears the history, /adapter FOLDER switches adapter (/adapter none: the
 base), /exit (or Ctrl-D) leaves.
 """
 
 import argparse
+import json
 import sys
 
 from qvera import ModelConfig, load_base
-from qvera.generation import Chat, Sampling
+from qvera.generation import Chat, Sampling, reply_batch
 
 
 def main() -> None:
@@ -19,32 +21,51 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=model_defaults.name, help="base: a local folder, a hub id or the built-in smollm2-135m")
     parser.add_argument("--quantization", default=model_defaults.quantization, choices=["nf4", "int8", "bf16", "fp32"])
-    parser.add_argument("--adapter", help="adapter folder (from save_adapter or training); without it, the base answers")
+    parser.add_argument(
+        "--adapter", action="append", default=[],
+        help="adapter folder (from save_adapter or training); without it, the base answers. With several "
+        "--prompt, give one --adapter per prompt (`none`: the base)",
+    )
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument(
+        "--prompt", action="append", default=[],
+        help="answer this message and exit; repeated, all prompts run as one batch and each reply prints as a JSON line",
+    )
     args = parser.parse_args()
 
     try:
         sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
     except ValueError as err:
         parser.error(str(err))
+    if len(args.adapter) > 1 and len(args.adapter) != len(args.prompt):
+        parser.error(f"got {len(args.adapter)} --adapter for {len(args.prompt)} --prompt; give one per prompt, or one for all")
     model, tokenizer = load_base(ModelConfig(name=args.model, quantization=args.quantization))
-    chat = Chat(model, tokenizer, system=args.system, sampling=sampling)
-    if args.adapter:
+    if len(args.prompt) > 1:
+        names = args.adapter if len(args.adapter) > 1 else (args.adapter or ["none"]) * len(args.prompt)
+        folders = [None if name == "none" else name for name in names]
         try:
-            chat.use_adapter(args.adapter)
+            replies = reply_batch(model, tokenizer, args.prompt, folders, args.system, sampling)
+        except (ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+        for prompt, folder, reply in zip(args.prompt, folders, replies):
+            print(json.dumps({"prompt": prompt, "adapter": folder, "reply": reply}, ensure_ascii=False))
+        return
+    chat = Chat(model, tokenizer, system=args.system, sampling=sampling)
+    if args.adapter and args.adapter[0] != "none":
+        try:
+            chat.use_adapter(args.adapter[0])
         except (ValueError, FileNotFoundError) as err:
             sys.exit(f"error: {err}")
 
-    if args.prompt is not None:
-        for piece in chat.reply(args.prompt):
+    if args.prompt:
+        for piece in chat.reply(args.prompt[0]):
             print(piece, end="", flush=True)
         print()
         return
-    print(f"chatting with {args.adapter or args.model}; commands: {Chat.COMMANDS}", file=sys.stderr)
+    print(f"chatting with {chat.adapter or args.model}; commands: {Chat.COMMANDS}", file=sys.stderr)
     while True:
         try:
             line = input("> ")

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from qvera.generation import (
     end_token_ids,
     generate,
     pick_tokens,
+    reply_batch,
 )
 
 CONVERSATIONS = [
@@ -227,3 +229,28 @@ def test_chat_script_answers_one_prompt_and_exits(fp32_setup, tiny_fp32_dir, tmp
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
+
+
+def test_chat_script_answers_a_batch_with_one_adapter_per_prompt(fp32_setup, tiny_fp32_dir, tmp_path):
+    model, tokenizer, bank = fp32_setup
+    for name in ("a", "b"):
+        bank.activate(name)
+        save_adapter(model, tmp_path / name)
+    bank.activate(None)
+    prompts, names = ["Hi", "Name a colour.", "Hi"], ["a", None, "b"]
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    expected = generate(model, tokenizer, conversations, names, bank, Sampling(0.0, 1.0, 4))
+    folders = [None if n is None else str(tmp_path / n) for n in names]
+    fresh, _ = load_base(ModelConfig(name=tiny_fp32_dir, quantization="fp32"))
+    assert reply_batch(fresh, tokenizer, prompts, folders, sampling=Sampling(0.0, 1.0, 4)) == expected
+    with pytest.raises(ValueError, match="got 1 adapters for 3 prompts"):
+        reply_batch(fresh, tokenizer, prompts, folders[:1])
+
+    script = Path(__file__).parents[1] / "scripts" / "chat.py"
+    args = ["--model", tiny_fp32_dir, "--quantization", "fp32", "--temperature", "0", "--max-new-tokens", "4"]
+    for prompt, folder in zip(prompts, folders):
+        args += ["--prompt", prompt, "--adapter", folder or "none"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines == [{"prompt": p, "adapter": f, "reply": r} for p, f, r in zip(prompts, folders, expected)]
