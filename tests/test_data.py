@@ -140,3 +140,27 @@ def test_a_base_without_chat_template_gets_the_fallback(tokenizer):
     example = tokenize_conversation(plain, MESSAGES["messages"])
     learned = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
     assert plain.decode(learned).startswith("Hello!" + plain.eos_token)
+
+
+def test_demo_data_teaches_one_format_and_holds_out_its_questions():
+    from qvera.demo import demo_conversations, held_out_questions, parse_reply, training_questions
+
+    convs = demo_conversations()
+    assert 200 <= len(convs) <= 400
+    assert all(parse_reply(c[-1]["content"]) is not None for c in convs)
+    trained = {q.prompt for q in training_questions()}
+    held = held_out_questions()
+    assert held and not trained & {q.prompt for q in held}
+    # held-out capitals and animals are not merely rephrased training rows
+    trained_answers = {q.answer for q in training_questions() if q.topic == "geography"}
+    assert not trained_answers & {q.answer for q in held if q.topic == "geography"}
+    assert demo_conversations() == convs  # generated, but the same every time
+
+
+def test_demo_score_counts_the_format_and_the_facts():
+    from qvera.demo import Question, parse_reply, score
+
+    qs = [Question("Capital of Peru?", "geography", "Lima"), Question("Largest mammal?", "science", "the blue whale")]
+    replies = ['{"topic": "geography", "answer": "Lima"}', "The blue whale is the largest mammal."]
+    assert score(qs, replies) == {"format": 0.5, "correct": 1.0}
+    assert parse_reply('{"answer": "Lima"}') is None and parse_reply('{"topic": "x", "answer": 3}') is None
