@@ -228,7 +228,7 @@ def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | P
             grid = [r for r in results if r["run"]["method"] == method]
             ax.scatter([r["trainable_params"] for r in grid], [r[key]["loss"] for r in grid], color=color, alpha=0.25, s=18)
             line = sorted((r for r in best if r["run"]["method"] == method and r["run"]["d_initial"] == 0.1), key=lambda r: r["trainable_params"])
-            ax.plot([r["trainable_params"] for r in line], [r[key]["loss"] for r in line], "o-", color=color, label=f"{method} (best learning rate)")
+            ax.plot([r["trainable_params"] for r in line], [r[key]["loss"] for r in line], "o-", color=color, label=f"{method} (best learning rate tried)")
             for r in line:
                 ax.annotate(f"r={r['run']['rank']}", (r["trainable_params"], r[key]["loss"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
@@ -237,7 +237,7 @@ def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | P
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct in NF4: VeRA vs LoRA (faint points: other learning rates)", fontsize=10)
+    fig.suptitle("SmolLM2-135M-Instruct in NF4: VeRA vs LoRA (faint points: the other runs)", fontsize=10)
     fig.tight_layout()
     tmp = Path(plot_path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
