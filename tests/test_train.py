@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from transformers import TrainerCallback
+import yaml
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.data import DataError
 from qvera.model import vera_layers
-from qvera.recipe import DataConfig, SFTRecipe, TrainConfig
-from qvera.train import CHECKPOINT_VECTORS, VeraSFTTrainer, build_trainer, train, trainer_arguments
+from qvera.recipe import DataConfig, SFTRecipe, TrainConfig, recipe_to_dict
+from qvera.train import CHECKPOINT_VECTORS, build_trainer, last_checkpoint, train, trainer_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,32 +111,29 @@ def test_an_evaluation_pass_leaves_training_gradients_unchanged(tiny_llama_dir):
     assert any(g.abs().sum() > 0 for k, g in after.items() if k.endswith("lambda_d"))
 
 
-class StopAt(TrainerCallback):
-    """Kills the run at a step, as a crash would (no checkpoint of its own)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def train_losses(history):
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
-def test_checkpoints_hold_only_vectors_and_resume_reproduces_the_losses(tiny_llama_dir, tmp_path):
+def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_curve(tiny_llama_dir, tmp_path):
     full, _ = train(tiny_recipe(tiny_llama_dir, tmp_path / "a"), log=quiet)
 
-    interrupted = tiny_recipe(tiny_llama_dir, tmp_path / "b")
-    trainer, _ = build_trainer(interrupted, log=quiet)
-    trainer.add_callback(StopAt(3))  # after checkpoint-2, before checkpoint-4
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
-    run = Path(interrupted.train.output_dir)
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
-    checkpoint = run / "checkpoint-2"
+    killed = tiny_recipe(tiny_llama_dir, tmp_path / "b")
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(recipe_to_dict(killed)))
+    run = Path(killed.train.output_dir)
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "sft.py"), "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint-2").exists():
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    process.kill()  # SIGKILL: no handler, no cleanup
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    process.stderr.close()
+
+    checkpoint = last_checkpoint(run)
     files = {p.name for p in checkpoint.iterdir()}
     assert CHECKPOINT_VECTORS in files and "trainer_state.json" in files and "optimizer.pt" in files
     assert not any(name.startswith(("model", "pytorch_model", "adapter_model")) for name in files), files
@@ -143,11 +142,11 @@ def test_checkpoints_hold_only_vectors_and_resume_reproduces_the_losses(tiny_lla
     assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 1_000_000
 
     with pytest.raises(ValueError, match="already holds checkpoints .* pass --resume"):
-        build_trainer(interrupted, log=quiet)
-    resumed, _ = train(replace(interrupted, train=replace(interrupted.train, resume=True)), log=quiet)
+        build_trainer(killed, log=quiet)
+    resumed, _ = train(replace(killed, train=replace(killed.train, resume=True)), log=quiet)
     expected, got = train_losses(full.log_history), train_losses(resumed.log_history)
-    assert sorted(got) == list(range(1, 5))
-    for step in range(1, 5):
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
     assert resumed.eval_loss == pytest.approx(full.eval_loss, rel=1e-5)
     assert (run / "loss.png").stat().st_size > 1000
