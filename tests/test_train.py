@@ -78,7 +78,7 @@ def test_trainer_keeps_the_vectors_fp32_and_their_small_updates(tiny_llama_dir, 
         for layer in vera_layers(model).values():
             layer.lambda_b.normal_(0, 0.01)
     trainer.train()
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     d = torch.cat([layer.lambda_d.detach() for layer in vera_layers(model).values()])
     step = (d - 0.1).abs()
     assert d.dtype == torch.float32
