@@ -213,3 +213,13 @@ def test_two_processes_with_gloo_end_with_identical_vectors(tiny_llama_dir, tmp_
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any((v != 0).any() for k, v in rank0.items() if k.endswith("lambda_b")), "the vectors did not train"
+
+
+def test_packing_puts_several_examples_in_each_sequence(tiny_llama_dir, tmp_path):
+    recipe = tiny_recipe(tiny_llama_dir, tmp_path, max_steps=1, eval_steps=0, save_steps=0)
+    recipe = replace(recipe, data=replace(recipe.data, packing=True, max_length=128))
+    result, trainer = train(recipe, log=quiet)
+    rows = trainer.train_dataset
+    assert len(rows) < 28 and max(len(r["seq_lengths"]) for r in rows) > 1
+    assert all(len(r["input_ids"]) <= 128 for r in rows)
+    assert result.steps == 1 and result.train_loss is not None
