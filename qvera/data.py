@@ -106,12 +106,14 @@ def detect_format(row: dict, source: str) -> str:
 
 def _text(row: dict, key: str, where: str, required: bool = True) -> str:
     value = row.get(key)
-    if value is None or (isinstance(value, str) and not value.strip() and required):
+    if value is None or value == "":
         if required:
             raise DataError(f"{where}: missing {key!r}")
         return ""
     if not isinstance(value, str):
         raise DataError(f"{where}: {key!r} must be a string, found {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{where}: {key!r} is blank")
     return value
 
 

@@ -100,8 +100,10 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
         load_conversations(DataConfig(path=str(tmp_path / "missing.jsonl")), seed=0)
     with pytest.raises(DataError, match="no assistant answer"):
         conversations([{"messages": [{"role": "user", "content": "Hi"}]}], "messages", "x")
-    for err in (DataError("x"),):
-        assert "\n" not in str(err)
+    with pytest.raises(DataError, match=r"x row 1: 'output' is blank"):
+        conversations([{"instruction": "Hi", "output": "  "}], "alpaca", "x")
+    with pytest.raises(DataError, match=r"x row 2: 'instruction' must be a string, found int"):
+        conversations([ALPACA, {"instruction": 3, "output": "y"}], "alpaca", "x")
 
 
 def test_held_out_split_is_deterministic_and_disjoint(tmp_path):
