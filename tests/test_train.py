@@ -86,8 +86,9 @@ def test_trainer_keeps_the_vectors_fp32_and_their_small_updates(tiny_llama_dir, 
 
 
 def test_an_evaluation_pass_leaves_training_gradients_unchanged(tiny_llama_dir):
-    """bitsandbytes repacks 4-bit CPU weights at the first no-grad eval forward; training
-    after an evaluation must still see the same gradients."""
+    """bitsandbytes would repack 4-bit CPU weights in place at the first no-grad eval forward
+    (lossy, and without autograd); periodic evaluation must leave training's gradients as
+    they were."""
     model, tokenizer = load_base(ModelConfig(name=tiny_llama_dir, quantization="nf4"))
     attach_vera(model, VeraConfig(rank=16))
     torch.manual_seed(0)
@@ -107,6 +108,7 @@ def test_an_evaluation_pass_leaves_training_gradients_unchanged(tiny_llama_dir):
     with torch.no_grad():
         model(input_ids=batch)
     after = grads()
+    assert not any(getattr(m.base_layer.weight.quant_state, "packing_format_for_cpu", False) for m in vera_layers(model).values())
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(g.abs().sum() > 0 for k, g in after.items() if k.endswith("lambda_d"))
 
