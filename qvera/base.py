@@ -87,6 +87,7 @@ def quantization_config(config: ModelConfig):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=config.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=getattr(torch, config.quant_storage),
         )
     if config.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)

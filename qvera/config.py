@@ -29,6 +29,8 @@ class ModelConfig:
     quantization: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
+    # FSDP shards 4-bit weights only when they are stored in the same dtype as the rest.
+    quant_storage: str = "uint8"
     revision: str | None = None
 
 

@@ -116,6 +116,7 @@ HELP = {
     "model.quantization": "nf4, int8, bf16 or fp32",
     "model.double_quant": "quantize the 4-bit scales too (QLoRA)",
     "model.compute_dtype": "dtype of the dequantized matmuls",
+    "model.quant_storage": "dtype the 4-bit weights are packed in (bfloat16 for FSDP)",
     "model.revision": "hub revision of the base",
     "vera.rank": "rank r of the shared projections",
     "vera.seed": "seed that generates A and B (peft: projection_prng_key)",

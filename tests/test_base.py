@@ -37,3 +37,15 @@ def test_bad_model_and_quantization_fail_in_one_line(tmp_path):
         qvera.load_base(str(tmp_path / "no-such-model"))
     with pytest.raises(ValueError, match="quantization 'nf3' is not one of"):
         qvera.load_base(qvera.ModelConfig(name="smollm2-135m", quantization="nf3"))
+
+
+def test_4bit_weights_stored_as_bfloat16_for_fsdp(tiny_llama_dir):
+    config = qvera.ModelConfig(name=tiny_llama_dir, quantization="nf4", quant_storage="bfloat16")
+    model, _ = qvera.load_base(config)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # packed 4-bit, FSDP-flattenable
+    qvera.attach_vera(model, qvera.VeraConfig(rank=16))
+    model.train()
+    ids = torch.randint(0, 1000, (2, 300))  # enough tokens for the folded path, which dequantizes itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.layers[0].mlp.up_proj.lambda_b.grad.abs().sum() > 0
