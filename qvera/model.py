@@ -109,11 +109,3 @@ def load_vector_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 if value.shape != param.shape:
                     raise ValueError(f"{name}.lambda_{which}: adapter has shape {tuple(value.shape)}, model {tuple(param.shape)}")
                 param.data = value.to(device=param.device, dtype=torch.float32).clone()
-
-
-def ensure_fp32_vectors(model: nn.Module) -> None:
-    """Put the vectors back to fp32 (TRL casts trainable parameters of quantized models to bf16)."""
-    for layer in vera_layers(model).values():
-        for param in (layer.lambda_d, layer.lambda_b):
-            if param.dtype != torch.float32:
-                param.data = param.data.float()
