@@ -66,14 +66,10 @@ def attach(model, run: StudyRun):
         # the VeRA layers are the trainable adapter it asks for.
         model._hf_peft_config_loaded = True
         return model
-    import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    # Base layers peft wraps would be repacked for AVX512-BF16 inference by the first no-grad
-    # forward, after which their input gradients are silently lost.
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    # load_base has switched off bitsandbytes' CPU repacking, which would silently drop the
+    # input gradients of the layers peft wraps after the first no-grad forward.
     return get_peft_model(model, LoraConfig(r=run.rank, lora_alpha=2 * run.rank, target_modules="all-linear"))
 
 
