@@ -31,7 +31,6 @@ import torch
 
 import qvera
 from qvera.adapters import save_adapter
-from qvera.model import disable_cpu_repacking
 from qvera.profiling import count_flops, count_saved_tensors, median_seconds
 
 VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:256", "qvera:512", "qvera:1024"]
@@ -68,7 +67,6 @@ def build(model_name: str, variant: str, meta=None):
     elif method.startswith("peft"):
         from peft import LoraConfig, VeraConfig, get_peft_model
 
-        disable_cpu_repacking(model)
         config = (
             LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
             if method == "peft-lora"
