@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapters import atomic_folder
 from .model import vector_state, vera_layers
-from .vera import VeraLinear, delta_weight, is_4bit, unpack_cpu_4bit
+from .vera import VeraLinear, delta_weight, dequantized_weight, is_4bit
 
 MERGED_DTYPE = torch.bfloat16
 
@@ -33,10 +33,7 @@ def plain_weight(layer: nn.Module) -> torch.Tensor:
     """A linear layer's weight in fp32, dequantized if it is 4-bit."""
     if isinstance(layer, bnb.nn.Linear8bitLt):
         raise ValueError("merging an int8 base is not supported; load the base in nf4, bf16 or fp32 to merge")
-    if is_4bit(layer):
-        unpack_cpu_4bit(layer)
-        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-    return layer.weight.detach().float()
+    return dequantized_weight(layer, torch.float32)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -140,14 +140,20 @@ def _token_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).sum(0, dtype=dtype)
 
 
+def _scaled_factors(lambda_d, lambda_b, A, B):
+    """(Λb B, Λd A): scaling the rows of B and A costs less than forming Λb B Λd."""
+    return B * lambda_b.to(B.dtype)[:, None], A * lambda_d.to(A.dtype)[:, None]
+
+
 def delta_weight(lambda_d, lambda_b, A, B) -> torch.Tensor:
     """ΔW = Λb B Λd A (out x in), in A's dtype."""
-    return (B * lambda_b.to(B.dtype)[:, None]) @ (A * lambda_d.to(A.dtype)[:, None])
+    scaled_B, scaled_A = _scaled_factors(lambda_d, lambda_b, A, B)
+    return scaled_B @ scaled_A
 
 
 def folded_weight(base_weight, lambda_d, lambda_b, A, B) -> torch.Tensor:
-    """W0 + ΔW in one addmm; scaling A's rows and B's rows costs less than forming Λb B Λd."""
-    return torch.addmm(base_weight, B * lambda_b.to(B.dtype)[:, None], A * lambda_d.to(A.dtype)[:, None])
+    """W0 + ΔW in one addmm."""
+    return torch.addmm(base_weight, *_scaled_factors(lambda_d, lambda_b, A, B))
 
 
 class FoldedVeraLinear(torch.autograd.Function):
@@ -171,6 +177,13 @@ class FoldedVeraLinear(torch.autograd.Function):
 
 def is_4bit(layer: nn.Module) -> bool:
     return isinstance(layer, bnb.nn.Linear4bit)
+
+
+def dequantized_weight(layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The weight of an nn.Linear or bitsandbytes 4-bit layer as a plain tensor."""
+    if is_4bit(layer):
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+    return layer.weight.detach().to(dtype)
 
 
 def unpack_cpu_4bit(layer: nn.Module) -> None:
@@ -203,13 +216,6 @@ class VeraLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.projections[0].rank}"
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        layer = self.base_layer
-        if is_4bit(layer):
-            unpack_cpu_4bit(layer)
-            return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
-        return layer.weight.to(dtype)
-
     def _should_fold(self, tokens: int) -> bool:
         """Per r: folding costs 2·out·in (ΔW built in forward and backward) + tokens·(out + in)
         (`A x` and gᵀ(A x)); the unfolded path tokens·2·(out + in). Fold past the crossover."""
@@ -226,11 +232,11 @@ class VeraLinear(nn.Module):
         if self.row_vectors is None and self._should_fold(x.numel() // x.shape[-1]):
             with autocast_off(x):
                 x_c = x.to(dtype)
-                weight = lambda: self.dequantized_weight(dtype)
+                weight = lambda: dequantized_weight(self.base_layer, dtype)
                 return FoldedVeraLinear.apply(
                     x_c, projections.project(x_c, A), lambda_d, lambda_b, weight, self.base_layer.bias, A, B
                 )
-        base = self._base_forward(x)  # exactly as without VeRA, under the caller's autocast
+        base = self.base_layer(x)  # exactly as without VeRA, under the caller's autocast
         with autocast_off(x):
             ax = projections.project(x.to(dtype), A)
             if self.row_vectors is None:
@@ -239,9 +245,3 @@ class VeraLinear(nn.Module):
                 d_rows, b_rows = self.row_vectors
                 delta = F.linear(ax * d_rows.to(dtype)[:, None, :], B) * b_rows.to(dtype)[:, None, :]
         return base + delta.to(base.dtype)
-
-    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.base_layer
-        if is_4bit(layer) and torch.is_grad_enabled():
-            unpack_cpu_4bit(layer)  # repacked weights would silently drop the input gradient
-        return layer(x)
