@@ -19,8 +19,9 @@ import torch
 
 from .evaluate import exact_match, heldout_loss, load_examples, split_examples
 
-ALPACA = "../shared/data/alpaca_en_demo.json"
-LIMA = "../shared/data/lima.json"
+DATA = Path(__file__).resolve().parents[1] / "data"
+ALPACA = str(DATA / "alpaca_en_demo.json")
+LIMA = str(DATA / "lima_eval50.json")  # the 50 LIMA rows seed 0 picks from its 1,029
 METHODS = ("base", "vera", "lora")
 
 
@@ -50,10 +51,10 @@ class StudyRun:
         return f"{self.method}-r{self.rank}-lr{self.learning_rate:g}{extra}-n{self.train_rows}"
 
 
-def study_data(seed: int = 0, held_out: int = 100, lima_rows: int = 50):
+def study_data(seed: int = 0, held_out: int = 100):
     """The fixed split: 900 Alpaca rows to train on, 100 held out; 50 LIMA rows never trained on."""
     train, alpaca_eval = split_examples(load_examples(ALPACA), held_out, seed)
-    return train, alpaca_eval, load_examples(LIMA, limit=lima_rows, seed=seed)
+    return train, alpaca_eval, load_examples(LIMA)
 
 
 def attach(model, run: StudyRun):

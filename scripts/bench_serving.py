@@ -37,7 +37,7 @@ from qvera.bank import AdapterBank
 from qvera.generation import Sampling, chat_prompt, decode_steps
 from qvera.model import vector_state
 
-PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_en_demo.json"
+PROMPTS = Path(__file__).resolve().parents[1] / "data" / "alpaca_en_demo.json"
 
 
 def timed_decode(model, tokenizer, prompts, new_tokens, context) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "data")
 
 
 def tiny_llama_config(**overrides):

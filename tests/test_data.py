@@ -68,10 +68,10 @@ def test_alpaca_history_and_system_become_earlier_turns():
     assert [m["role"] for m in conversations([row], "alpaca", "x")[0]] == ["system", "user", "assistant", "user", "assistant"]
 
 
-def test_the_shared_alpaca_files_load():
-    for name in ("alpaca_en_demo.json", "lima.json"):
+def test_the_bundled_alpaca_and_lima_files_load():
+    for name, rows in (("alpaca_en_demo.json", 1000), ("lima_eval50.json", 50)):
         convs = conversations(read_rows(os.path.join(DATA_DIR, name)), "auto", name)
-        assert len(convs) > 900
+        assert len(convs) == rows
         assert all(c[-1]["role"] == "assistant" for c in convs)
     # lima carries multi-turn history
     assert max(len(c) for c in convs) > 2

@@ -33,7 +33,9 @@ def test_the_required_recipes_exist():
     assert (llama.model.name, llama.model.quantization, llama.vera.rank) == ("meta-llama/Llama-2-7b-hf", "nf4", 512)
     assert llama.vera.target_modules == "all-linear"
     alpaca = load_recipe(ROOT / "configs" / "alpaca.yaml")
-    assert (ROOT / alpaca.data.path).is_file(), "the alpaca recipe must point at ../shared/data"
+    assert alpaca.data.path == "tatsu-lab/alpaca", "the alpaca recipe trains on the hub data set a user expects"
+    offline = ROOT / "data" / "alpaca_en_demo.json"
+    assert offline.is_file() and "data/alpaca_en_demo.json" in (ROOT / "configs" / "alpaca.yaml").read_text()
 
 
 def test_flags_override_the_yaml_and_keep_the_rest():

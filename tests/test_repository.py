@@ -1,0 +1,43 @@
+"""The repository stands alone: a fresh clone has every file it needs and names no path outside it."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Spelled in pieces so that this file does not match itself.
+OUTSIDE = ("../" + "shared", "/work" + "/")
+
+
+def tracked_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [ROOT / name for name in out.decode().split("\0") if name]
+
+
+def test_no_tracked_file_refers_to_a_path_outside_the_repository():
+    offenders = []
+    for path in tracked_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue
+        offenders += [f"{path.relative_to(ROOT)}: {needle}" for needle in OUTSIDE if needle in text]
+    assert not offenders, offenders
+
+
+def test_bundled_data_matches_its_checksums_and_carries_its_license():
+    data = ROOT / "data"
+    sums = dict(line.split()[::-1] for line in (data / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {"alpaca_en_demo.json", "lima_eval50.json"}
+    for name, digest in sums.items():
+        assert hashlib.sha256((data / name).read_bytes()).hexdigest() == digest, name
+    readme = (data / "README.md").read_text()
+    assert "CC BY-NC 4.0" in readme and "inherits" in readme
+    assert (data / "ALPACA_DATA_LICENSE_CC_BY_NC_4.0.txt").is_file()
