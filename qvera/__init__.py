@@ -1,14 +1,34 @@
-"""qvera: VeRA adapters on 4-bit quantized bases."""
+"""qvera: VeRA adapters on 4-bit quantized bases.
+
+qvera.core       the VeRA math, attaching it, the bitsandbytes backend, base loading, configs
+qvera.adapters   the adapter folder format, fit checks, atomic writes, peft interop, merge
+qvera.training   recipes, data, the trainer, evaluation, the embedded demo
+qvera.serving    the adapter bank, generation, the batcher, the HTTP server
+"""
 
 import logging
 
-# bitsandbytes warns at import that it cannot fetch a hub kernel for its AVX512-BF16 repacked
-# 4-bit path; qvera switches that path off (see qvera.model.disable_cpu_repacking).
+# Before bitsandbytes is first imported: it warns at import that it cannot fetch a hub kernel
+# for its repacked CPU path, which qvera switches off (qvera.core.bnb).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .base import load_base
-from .config import ModelConfig, VeraConfig
-from .model import attach_vera, trainable_summary, vector_state, load_vector_state
+from qvera.core.attach import (  # noqa: E402
+    attach_vera,
+    load_vector_state,
+    trainable_summary,
+    vector_state,
+)
+from qvera.core.base import load_base  # noqa: E402
+from qvera.core.config import ModelConfig, VeraConfig  # noqa: E402
+from qvera.version import __version__  # noqa: E402
 
-__version__ = "0.1.0"
-__all__ = ["load_base", "ModelConfig", "VeraConfig", "attach_vera", "trainable_summary", "vector_state", "load_vector_state"]
+__all__ = [
+    "ModelConfig",
+    "VeraConfig",
+    "__version__",
+    "attach_vera",
+    "load_base",
+    "load_vector_state",
+    "trainable_summary",
+    "vector_state",
+]

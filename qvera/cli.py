@@ -1,43 +1,25 @@
 """The `qvera` command: inspect, export, convert, merge and load-check adapter folders.
 
-    qvera inspect runs/sft/adapter
-    qvera export runs/sft/adapter out/peft --to peft
-    qvera convert some-peft-adapter out/adapter --base smollm2-135m
-    qvera merge runs/sft/adapter out/merged
-    qvera load-check runs/sft/adapter --prompt "Hello"
+qvera inspect runs/sft/adapter
+qvera export runs/sft/adapter out/peft --to peft
+qvera convert some-peft-adapter out/adapter --base smollm2-135m
+qvera merge runs/sft/adapter out/merged
+qvera load-check runs/sft/adapter --prompt "Hello"
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from .adapters import DTYPES, PEFT_CONFIG_FILE, Adapter, attach_adapter, describe, meta_base, read_adapter, write_adapter
-from .base import QUANTIZATIONS
-from .config import ModelConfig
-from .peft_interop import export_peft, import_peft
-
-
-def read_any(folder: str | Path, model=None) -> Adapter:
-    """A qvera or a peft VeRA adapter folder, told apart by their config files."""
-    if (Path(folder) / PEFT_CONFIG_FILE).is_file():
-        return import_peft(folder, model)
-    return read_adapter(folder, model)
-
-
-def load_adapted(args):
-    """Load the base the adapter names (or --base) and attach the adapter in one call."""
-    from .base import load_base
-
-    name = args.base or read_any(args.adapter).config["base_model"]["name"]
-    if not name:
-        raise ValueError(f"{args.adapter} does not name its base model; pass --base NAME_OR_FOLDER")
-    model, tokenizer = load_base(ModelConfig(name=name, quantization=args.quantization))
-    attach_adapter(model, read_any(args.adapter, model))
-    return model, tokenizer
+from qvera.adapters.format import DTYPES, describe, read_adapter, write_adapter
+from qvera.adapters.loading import load_adapted, meta_base, read_any
+from qvera.adapters.merge import merge_to_folder
+from qvera.adapters.peft_interop import export_peft, import_peft
+from qvera.core.base import QUANTIZATIONS
+from qvera.core.config import ModelConfig
 
 
 def cmd_inspect(args) -> None:
@@ -59,27 +41,33 @@ def cmd_convert(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .merge import merge_to_folder
 
-    model, tokenizer = load_adapted(args)
+    model, tokenizer = load_adapted(ModelConfig(name=args.base or "", quantization=args.quantization), args.adapter)
     merge_to_folder(model, tokenizer, args.out)
     print(f"wrote merged bf16 model {args.out}")
 
 
 def cmd_load_check(args) -> None:
-    model, tokenizer = load_adapted(args)
+    model, tokenizer = load_adapted(ModelConfig(name=args.base or "", quantization=args.quantization), args.adapter)
     batch = tokenizer([args.prompt], return_tensors="pt").to(model.device)
     with torch.no_grad():
         next_token = model(**batch).logits[0, -1].argmax()
     print(describe(read_any(args.adapter), args.adapter))
-    print(f"loaded onto {model.qvera_base_name} ({args.quantization}); next token after {args.prompt!r}: {tokenizer.decode(next_token)!r}")
+    print(
+        f"loaded onto {model.qvera_base_name} ({args.quantization}); next "
+        f"token after {args.prompt!r}: {tokenizer.decode(next_token)!r}"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="qvera", description="Inspect, export, convert, merge and load-check VeRA adapters.")
+    root = argparse.ArgumentParser(
+        prog="qvera", description="Inspect, export, convert, merge and load-check VeRA adapters."
+    )
     commands = root.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("inspect", help="print rank, targets, sizes, base model and fingerprint of an adapter folder (qvera or peft)")
+    p = commands.add_parser(
+        "inspect", help="print rank, targets, sizes, base model and fingerprint of an adapter folder (qvera or peft)"
+    )
     p.add_argument("adapter")
     p.set_defaults(run=cmd_inspect)
 
@@ -88,10 +76,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--to", choices=["qvera", "peft"], default="qvera")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="vector dtype of a qvera adapter")
-    p.add_argument("--save-projection", action="store_true", help="peft only: also store A and B (peft's save_projection)")
+    p.add_argument(
+        "--save-projection", action="store_true", help="peft only: also store A and B (peft's save_projection)"
+    )
     p.set_defaults(run=cmd_export)
 
-    p = commands.add_parser("convert", help="convert a peft VeRA adapter to a qvera adapter (reads only the base's config)")
+    p = commands.add_parser(
+        "convert", help="convert a peft VeRA adapter to a qvera adapter (reads only the base's config)"
+    )
     p.add_argument("adapter")
     p.add_argument("out")
     p.add_argument("--base", required=True, help="the base model the adapter was trained on (name, hub id or folder)")

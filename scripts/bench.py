@@ -30,22 +30,32 @@ from pathlib import Path
 import torch
 
 import qvera
-from qvera.adapters import save_adapter
-from qvera.profiling import count_flops, count_saved_tensors, median_seconds
+from qvera.adapters.format import save_adapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside scripts/
+
+from peft import LoraConfig, VeraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from experiments.profiling import count_flops, count_saved_tensors, median_seconds
 
 VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:256", "qvera:512", "qvera:1024"]
 
 
 META_CONFIGS = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
 }
 
 
 def meta_model(config):
     """The same architecture on the meta device: shapes only, for counting work and bytes."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     if isinstance(config, str):
         config = LlamaConfig(**META_CONFIGS[config])
     with torch.device("meta"):
@@ -65,8 +75,6 @@ def build(model_name: str, variant: str, meta=None):
     if method == "floor":
         model.enable_input_require_grads()  # backward to the inputs, as a frozen base trains nothing
     elif method.startswith("peft"):
-        from peft import LoraConfig, VeraConfig, get_peft_model
-
         config = (
             LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
             if method == "peft-lora"
@@ -131,7 +139,6 @@ def measure(model_name: str, variant: str, batch: int, seq: int, repeats: int) -
         trainable=sum(p.numel() for p in params) if optimizer else 0,
         adapter_bytes=adapter_bytes(model, method),
     )
-    del model, optimizer
     gc.collect()
     return row
 
@@ -147,9 +154,15 @@ def measure_meta(config, variant: str, batch: int, seq: int) -> dict:
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    row = dict(variant=method, rank=rank, step_s=None, tflop=round(count_flops(step) / 1e12, 6),
-               saved_bytes=saved.unique, saved_bytes_naive=saved.total, trainable=trainable)
-    del model
+    row = dict(
+        variant=method,
+        rank=rank,
+        step_s=None,
+        tflop=round(count_flops(step) / 1e12, 6),
+        saved_bytes=saved.unique,
+        saved_bytes_naive=saved.total,
+        trainable=trainable,
+    )
     gc.collect()
     return row
 
@@ -167,7 +180,8 @@ def meta_markdown(rows: list[dict]) -> str:
         extra = r["tflop"] - floor["tflop"]
         vs = f"{extra / (peft_vera['tflop'] - floor['tflop']):.2f}" if peft_vera and r["variant"] != "floor" else "-"
         lines.append(
-            f"| {r['variant']} | {r['rank'] or '-'} | {r['tflop']:.2f} | {extra:.2f} | {vs} | {r['saved_bytes'] / gb:.2f} "
+            f"| {r['variant']} | {r['rank'] or '-'} | {r['tflop']:.2f} "
+            f"| {extra:.2f} | {vs} | {r['saved_bytes'] / gb:.2f} "
             f"| {(r['saved_bytes'] - floor['saved_bytes']) / gb:+.2f} "
             f"| {(r['saved_bytes_naive'] - floor['saved_bytes_naive']) / gb:+.2f} | {r['trainable']:,} |"
         )
@@ -197,7 +211,8 @@ def markdown(rows: list[dict]) -> str:
         vs_peft = f"{r['ratio_to_peft_vera']:.2f}" if r["ratio_to_peft_vera"] is not None else "-"
         lines.append(
             f"| {r['variant']} | {r['rank'] or '-'} | {r['step_s']:.2f} | {r['ratio_to_floor']:.2f} | {vs_peft} "
-            f"| {r['tflop']:.2f} | {r['tflop'] / r['step_s']:.2f} | {r['step_s_at_floor_rate']:.2f} | {r['saved_bytes'] / mb:.0f} "
+            f"| {r['tflop']:.2f} | {r['tflop'] / r['step_s']:.2f} | "
+            f"{r['step_s_at_floor_rate']:.2f} | {r['saved_bytes'] / mb:.0f} "
             f"| {r['saved_excess_bytes'] / mb:+.0f} | {r['saved_excess_naive'] / mb:+.0f} "
             f"| {r['trainable']:,} | {r['adapter_bytes']:,} |"
         )
@@ -211,7 +226,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: %(default)s)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=4, help="timed steps per variant (default: %(default)s)")
-    parser.add_argument("--reference-rank", type=int, default=512, help="peft VeRA rank for ratios (default: %(default)s)")
+    parser.add_argument(
+        "--reference-rank", type=int, default=512, help="peft VeRA rank for ratios (default: %(default)s)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
     parser.add_argument("--meta", choices=sorted(META_CONFIGS), help="count work and bytes at these shapes, no timing")
     args = parser.parse_args(argv)

@@ -32,10 +32,13 @@ from pathlib import Path
 import torch
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
-from qvera.adapters import llama2_7b_adapter_size
-from qvera.bank import AdapterBank
-from qvera.generation import Sampling, chat_prompt, decode_steps
-from qvera.model import vector_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside scripts/
+
+from experiments.profiling import llama2_7b_adapter_size
+from qvera.core.attach import vector_state
+from qvera.serving.bank import AdapterBank
+from qvera.serving.generation import Sampling, chat_prompt, decode_steps
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "alpaca_en_demo.json"
 
@@ -62,7 +65,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
-        "--loop-adapters", type=int, default=None, help="time the loop on the first N adapters only (its rate does not depend on N)"
+        "--loop-adapters",
+        type=int,
+        default=None,
+        help="time the loop on the first N adapters only (its rate does not depend on N)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the results here")
@@ -104,7 +110,11 @@ def main() -> None:
             prefill, decode = prefill + p, decode + d
         # Scaled to all prompts, so the three rows answer the same work.
         keep("loop", prefill * len(prompts) / loop_count, decode * len(prompts) / loop_count)
-        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} decode {v[1]:.1f} s" for k, v in best.items()), file=sys.stderr, flush=True)
+        print(
+            f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} decode {v[1]:.1f} s" for k, v in best.items()),
+            file=sys.stderr,
+            flush=True,
+        )
 
     decoded = len(prompts) * (args.new_tokens - 1)
     speed = {label: decoded / decode for label, (_, decode) in best.items()}
@@ -113,10 +123,17 @@ def main() -> None:
     llama_bytes = llama["parameters"] * bank.dtype.itemsize
     results = {
         "setting": {
-            "model": args.model, "quantization": args.quantization, "rank": args.rank, "prompts": len(prompts),
-            "adapters": args.adapters, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "model": args.model,
+            "quantization": args.quantization,
+            "rank": args.rank,
+            "prompts": len(prompts),
+            "adapters": args.adapters,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
             "resident_dtype": str(bank.dtype).removeprefix("torch."),
-            "loop_adapters_timed": loop_count, "threads": torch.get_num_threads(), "device": str(bank.device),
+            "loop_adapters_timed": loop_count,
+            "threads": torch.get_num_threads(),
+            "device": str(bank.device),
         },
         "decode_tokens_per_s": speed,
         "seconds": {label: {"prefill": p, "decode": d} for label, (p, d) in best.items()},
@@ -126,15 +143,23 @@ def main() -> None:
         "llama2_7b": {"rank": args.rank, "bytes_per_adapter": llama_bytes, "adapters_per_GB": 10**9 // llama_bytes},
     }
     s = results["setting"]
-    print(f"{s['model']} ({s['quantization']}), rank {s['rank']}, {s['prompts']} prompts, {s['new_tokens']} new tokens, "
-          f"{s['threads']} threads on {s['device']}")
-    for label, text in (("mixed", f"{args.adapters} distinct adapters, one batch"), ("single", "one adapter, one batch"),
-                        ("loop", f"one adapter at a time ({loop_count} timed, scaled to {len(prompts)})")):
+    print(
+        f"{s['model']} ({s['quantization']}), rank {s['rank']}, {s['prompts']} prompts, {s['new_tokens']} new tokens, "
+        f"{s['threads']} threads on {s['device']}"
+    )
+    for label, text in (
+        ("mixed", f"{args.adapters} distinct adapters, one batch"),
+        ("single", "one adapter, one batch"),
+        ("loop", f"one adapter at a time ({loop_count} timed, scaled to {len(prompts)})"),
+    ):
         p, d = best[label]
         print(f"  {label:6} {speed[label]:8.1f} decode tokens/s  (prefill {p:.2f} s, decode {d:.2f} s)  {text}")
     print(f"  mixed / single = {results['mixed_over_single']:.3f}   mixed / loop = {results['mixed_over_loop']:.2f}")
     print(f"  memory per resident adapter: {per_adapter:,} bytes ({s['resident_dtype']} vectors)")
-    print(f"  Llama-2-7B, r={args.rank}: {llama_bytes:,} bytes per adapter, {results['llama2_7b']['adapters_per_GB']} adapters per GB")
+    print(
+        f"  Llama-2-7B, r={args.rank}: {llama_bytes:,} bytes per adapter, "
+        f"{results['llama2_7b']['adapters_per_GB']} adapters per GB"
+    )
     if args.json:
         staging = Path(f"{args.json}.tmp")
         staging.write_text(json.dumps(results, indent=2) + "\n")

@@ -11,14 +11,18 @@ import json
 
 from transformers.utils import logging as hf_logging
 
-from qvera.evaluate import exact_match, heldout_loss, load_examples, load_model
+from qvera.adapters.loading import load_adapted
+from qvera.core.config import ModelConfig
+from qvera.training.evaluate import exact_match, heldout_loss, load_examples
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="base: smollm2-135m, a local folder or a hub id")
     parser.add_argument("--adapter", help="a qvera adapter folder or a peft adapter folder; none: the base alone")
-    parser.add_argument("--dataset", required=True, help="a .json/.jsonl file (messages, Alpaca or prompt-completion rows)")
+    parser.add_argument(
+        "--dataset", required=True, help="a .json/.jsonl file (messages, Alpaca or prompt-completion rows)"
+    )
     parser.add_argument("--limit", type=int, help="score a fixed random subset of this many rows")
     parser.add_argument("--seed", type=int, default=0, help="which subset --limit picks")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
@@ -27,7 +31,7 @@ def main():
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     convs = load_examples(args.dataset, args.limit, args.seed)
-    model, tokenizer = load_model(args.model, args.adapter, args.quantization)
+    model, tokenizer = load_adapted(ModelConfig(name=args.model, quantization=args.quantization), args.adapter)
     report = {
         "model": args.model,
         "adapter": args.adapter,

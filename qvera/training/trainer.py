@@ -1,0 +1,322 @@
+"""Supervised fine-tuning of VeRA vectors on a quantized base, through TRL's SFTTrainer.
+
+What qvera changes in the trainer, and why:
+- TRL casts the trainable parameters of quantized models to bf16 (right for QLoRA's
+  matrices, wrong for VeRA: d = 0.1 rounds, and updates of d below bf16's resolution are
+  lost). `VeraSFTTrainer` restores the fp32 vectors, values unchanged, after TRL's setup.
+- Checkpoints hold the vectors only (plus the optimizer, scheduler, RNG and trainer state
+  that Trainer writes), never the 4-bit base; each appears by one rename, so a run killed at
+  any moment (kill -9) resumes from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from trl import SFTConfig, SFTTrainer
+
+from qvera.adapters.format import save_adapter
+from qvera.adapters.peft_interop import export_peft
+from qvera.core.attach import (
+    attach_vera,
+    load_vector_state,
+    trainable_summary,
+    vector_state,
+)
+from qvera.core.base import load_base
+from qvera.training.data import (
+    ensure_chat_template,
+    load_conversations,
+    tokenized_dataset,
+)
+from qvera.training.recipe import SFTRecipe
+
+CHECKPOINT_VECTORS = "vectors.safetensors"
+STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into the output folder
+ADAPTER_DIR = "adapter"
+PEFT_DIR = "peft"
+LOSS_PLOT = "loss.png"
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class VeraSFTTrainer(SFTTrainer):
+    """SFTTrainer for an adapter on a quantized base: VeRA attached by qvera (or a peft adapter)."""
+
+    def __init__(self, model, *args, **kwargs):
+        initial = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+        # Trainer refuses a quantized model without adapters it knows; VeRA's vectors are
+        # the adapter here, as peft's would be.
+        model._hf_peft_config_loaded = True
+        super().__init__(model, *args, **kwargs)
+        # Undo TRL's bf16 cast of trainable parameters of quantized models (see the module
+        # docstring): the exact fp32 values come back; the optimizer does not exist yet, so
+        # replacing the data is safe.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in initial:
+                    param.data = initial[name].to(param.device)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints hold the vectors, never the (4-bit) base model."""
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if state_dict is None:
+            vectors = vector_state(self.accelerator.unwrap_model(self.model))
+        else:  # FSDP / DeepSpeed gathered a full state dict for us
+            vectors = {k: v.float().cpu() for k, v in state_dict.items() if k.endswith((".lambda_d", ".lambda_b"))}
+        safetensors.torch.save_file(
+            {k: v.contiguous() for k, v in vectors.items()}, os.path.join(output_dir, CHECKPOINT_VECTORS)
+        )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        vectors = safetensors.torch.load_file(os.path.join(resume_from_checkpoint, CHECKPOINT_VECTORS))
+        load_vector_state(self.accelerator.unwrap_model(model or self.model), vectors)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written to a staging folder and renamed into place whole."""
+        run_dir = self.args.output_dir
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)  # left by a killed run
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = staging_root  # Trainer names the checkpoint folder after it
+        try:
+            # Trainer's own method: TRL's override only adds a model card for a full model.
+            Trainer._save_checkpoint(self, model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            os.rename(os.path.join(staging_root, name), os.path.join(run_dir, name))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+class ProgressWithThroughput(ProgressCallback):
+    """Trainer's progress bar, with the latest loss and tokens/s on it instead of raw log dicts."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._last = (time.perf_counter(), None)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "loss" in logs:
+            now, tokens = time.perf_counter(), logs.get("num_tokens")
+            last_time, last_tokens = self._last
+            postfix = {"loss": f"{logs['loss']:.4f}"}
+            if tokens is not None and last_tokens is not None and now > last_time:
+                postfix["tok/s"] = f"{(tokens - last_tokens) / (now - last_time):.0f}"
+            self._last = (now, tokens)
+            self.training_bar.set_postfix(postfix)
+        if "eval_loss" in logs:
+            self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+
+# ---------------------------------------------------------------- checkpoints and folders
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint; folders appear complete (by rename), so any found is whole."""
+    folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
+    folders = [p for p in folders if (p / CHECKPOINT_VECTORS).is_file()]
+    return max(folders, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def prepare_output_dir(output_dir: str | Path, resume: bool) -> Path | None:
+    """Check the folder is writable and fits the request; return the checkpoint to resume."""
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"output folder {folder} is not writable ({err.strerror}); choose another --output-dir"
+        ) from err
+    checkpoint = last_checkpoint(folder)
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint to resume in {folder}; run without --resume to start afresh")
+    if not resume and checkpoint is not None:
+        raise ValueError(
+            f"{folder} already holds checkpoints ({checkpoint.name}); "
+            "pass --resume to continue, or choose another --output-dir"
+        )
+    return checkpoint
+
+
+# ---------------------------------------------------------------- the run
+
+
+def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
+    train, data = recipe.train, recipe.data
+    cuda = torch.cuda.is_available()
+    optimizer = train.optimizer
+    if optimizer == "auto":
+        optimizer = "paged_adamw_8bit" if cuda else "adamw_torch"
+    evaluate = has_eval and train.eval_steps > 0
+    return SFTConfig(
+        output_dir=train.output_dir,
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type=train.lr_scheduler,
+        weight_decay=train.weight_decay,
+        optim=optimizer,
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=train.eval_steps if evaluate else None,
+        save_strategy="steps" if train.save_steps > 0 else "no",
+        save_steps=train.save_steps if train.save_steps > 0 else 500,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        max_length=data.max_length,
+        packing=data.packing,
+        # The labels already mask everything but the assistant's turns (qvera.data).
+        assistant_only_loss=False,
+        completion_only_loss=False,
+        report_to="none",
+        # A and B are equal on every rank (same seed): broadcasting them each step is waste.
+        ddp_broadcast_buffers=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    seconds: float
+    tokens: int
+    trainable_parameters: int
+    adapter_bytes: int
+    train_loss: float | None
+    eval_loss: float | None
+    log_history: list[dict]
+
+    def summary(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else float("nan")
+        fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+        lines = [
+            f"steps               {self.steps}",
+            f"time                {self.seconds:.0f} s",
+            f"tokens/s            {rate:.0f} ({self.tokens:,} tokens)",
+            f"trainable params    {self.trainable_parameters:,}",
+            f"adapter size        {self.adapter_bytes / 1e6:.2f} MB",
+            f"final train loss    {fmt(self.train_loss)}",
+            f"final eval loss     {fmt(self.eval_loss)}",
+            f"adapter             {self.adapter_dir}",
+        ]
+        return "\n".join(lines)
+
+
+def build_trainer(recipe: SFTRecipe, log=print):
+    """Validate everything cheap first (output folder, data), then load the model and data."""
+    checkpoint = prepare_output_dir(recipe.train.output_dir, recipe.train.resume)
+    train_convs, eval_convs = load_conversations(recipe.data, recipe.train.seed)
+    log(f"data: {len(train_convs)} training and {len(eval_convs)} evaluation examples")
+    model, tokenizer = load_base(recipe.model)
+    if ensure_chat_template(tokenizer):
+        log(f"{recipe.model.name} has no chat template; using qvera's plain one (### User: / ### Assistant:)")
+    attach_vera(model, recipe.vera)
+    log(trainable_summary(model))
+    train_ds = tokenized_dataset(tokenizer, train_convs, recipe.data.assistant_only_loss)
+    eval_ds = tokenized_dataset(tokenizer, eval_convs, recipe.data.assistant_only_loss) if eval_convs else None
+    trainer = VeraSFTTrainer(
+        model=model,
+        args=trainer_arguments(recipe, eval_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressWithThroughput())
+    return trainer, checkpoint
+
+
+def train(recipe: SFTRecipe, log=print) -> tuple[SFTResult, VeraSFTTrainer]:
+    """Run the recipe; write the adapter, the loss curve and the summary into output_dir."""
+    trainer, checkpoint = build_trainer(recipe, log)
+    if checkpoint is not None:
+        log(f"resuming from {checkpoint}")
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - start
+    eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+
+    output_dir = Path(recipe.train.output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    history = trainer.state.log_history
+    adapter_dir, adapter_bytes = None, 0
+    if trainer.is_world_process_zero():
+        adapter_dir = save_adapter(model, output_dir / ADAPTER_DIR, dtype=torch.float32)
+        adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir())
+        if recipe.train.export_peft:
+            export_peft(model, output_dir / PEFT_DIR)
+        plot_losses(history, output_dir / LOSS_PLOT)
+        shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    tokens = max((h.get("num_tokens", 0) for h in history), default=0)
+    result = SFTResult(
+        output_dir=output_dir,
+        adapter_dir=adapter_dir,
+        steps=trainer.state.global_step,
+        seconds=seconds,
+        tokens=int(tokens),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        adapter_bytes=adapter_bytes,
+        train_loss=train_losses[-1] if train_losses else None,
+        eval_loss=eval_loss,
+        log_history=history,
+    )
+    return result, trainer
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and math.isfinite(h["loss"])]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

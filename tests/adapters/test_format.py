@@ -1,0 +1,309 @@
+"""Adapter folders: round trip, one-call attach on 4-bit and full-precision bases, every
+mismatch failing with one clear line, atomic writes, many adapters on one base, sizes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    RANK,
+    REPO,
+    adapted,
+    logits,
+    randomize_vectors,
+    save_tiny_llama,
+    tiny_llama_config,
+)
+from safetensors import safe_open
+
+from experiments.profiling import llama2_7b_adapter_size
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.adapters.fit import projections_fingerprint
+from qvera.adapters.format import (
+    CONFIG_FILE,
+    VECTORS_FILE,
+    adapter_size,
+    read_adapter,
+    save_adapter,
+)
+from qvera.adapters.loading import attach_adapter
+from qvera.core.attach import shared_projections, vector_state, vera_layers
+from qvera.core.vera import generate_projections
+from qvera.serving.bank import AdapterBank
+
+
+@pytest.fixture(scope="module")
+def fp32_adapter(tiny_llama_dir, tmp_path_factory):
+    """An adapter saved from a full-precision base, with the logits it gave."""
+    model, tokenizer = adapted(tiny_llama_dir)
+    folder = save_adapter(model, tmp_path_factory.mktemp("adapters") / "a")
+    return folder, vector_state(model), logits(model, tokenizer)
+
+
+def test_round_trip_keeps_vectors_and_describes_the_adapter(tiny_llama_dir, fp32_adapter):
+    folder, vectors, _ = fp32_adapter
+    adapter = read_adapter(folder)
+    assert adapter.vectors.keys() == vectors.keys()
+    for key, value in vectors.items():
+        assert torch.equal(adapter.vectors[key], value)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["format_version"] == 1 and config["qvera_version"] == "0.1.0"
+    assert (config["rank"], config["seed"], config["d_initial"]) == (RANK, 0, 0.1)
+    assert config["targets"]["model.layers.0.self_attn.k_proj"] == [32, 64]  # GQA: k is narrower than q
+    assert config["targets"]["model.layers.1.mlp.down_proj"] == [64, 160]
+    assert len(config["targets"]) == 14
+    assert config["base_model"]["name"] == str(tiny_llama_dir) and len(config["base_model"]["content_hash"]) == 64
+    A, B = generate_projections(RANK, 160, 160, 0)
+    assert config["projections"] == {
+        "dtype": "float32",
+        "A": [RANK, 160],
+        "B": [160, RANK],
+        "fingerprint": projections_fingerprint(A, B),
+    }
+    with safe_open(folder / VECTORS_FILE, "pt") as f:  # no A or B inside
+        assert all(k.endswith((".lambda_d", ".lambda_b")) for k in f.keys())
+    assert "rank 8" in (folder / "README.md").read_text()
+
+
+def test_bf16_vectors_halve_the_file(tiny_llama_dir, tmp_path):
+    model, _ = adapted(tiny_llama_dir)
+    fp32 = save_adapter(model, tmp_path / "fp32")
+    bf16 = save_adapter(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    size = adapter_size(model)
+    assert (fp32 / VECTORS_FILE).stat().st_size == size["float32_bytes"]
+    assert (bf16 / VECTORS_FILE).stat().st_size == size["bfloat16_bytes"]
+    assert size["float32_bytes"] - size["bfloat16_bytes"] > 1.9 * size["parameters"]  # 2 bytes a number saved
+    for key, value in read_adapter(bf16).vectors.items():
+        assert value.dtype == torch.float32 and torch.equal(value, vector_state(model)[key].bfloat16().float())
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        save_adapter(model, tmp_path / "fp16", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "fp32"])
+def test_attach_adapter_in_one_call_gives_the_saved_logits(tiny_llama_dir, tmp_path, quantization):
+    model, tokenizer = adapted(tiny_llama_dir, quantization)
+    expected = logits(model, tokenizer)
+    save_adapter(model, tmp_path / "a")
+    fresh, _ = load_base(ModelConfig(name=str(tiny_llama_dir), quantization=quantization))
+    assert attach_adapter(fresh, tmp_path / "a") is fresh
+    assert torch.equal(logits(fresh, tokenizer), expected)
+    for layer in vera_layers(fresh).values():
+        layer.lambda_b.data.zero_()
+    assert (expected - logits(fresh, tokenizer)).abs().max() > 0.1  # the adapter does change the output
+
+
+def test_attach_adapter_on_attached_model_loads_vectors(tiny_llama_dir, fp32_adapter):
+    folder, _, expected = fp32_adapter
+    model, tokenizer = adapted(tiny_llama_dir, seed=7)
+    attach_adapter(model, folder)
+    assert torch.allclose(logits(model, tokenizer), expected, atol=1e-5, rtol=0)
+
+
+def _edit_config(folder, **changes):
+    path = folder / CONFIG_FILE
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            config[section][field] = value
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+@pytest.mark.parametrize(
+    "make_model, match",
+    [
+        (lambda d: load_base(ModelConfig(name=d["other_base"], quantization="fp32"))[0], "made for another base model"),
+        (
+            lambda d: _hand_built(intermediate_size=128),
+            r"layer model\.layers\.0\.mlp\.down_proj is \(64, 160\) in the adapter but \(64, 128\)",
+        ),
+        (
+            lambda d: attach_vera(_hand_built(), VeraConfig(rank=RANK, target_modules=["q_proj", "v_proj"])),
+            "targets other layers",
+        ),
+        (
+            lambda d: attach_vera(_hand_built(), VeraConfig(rank=RANK, projection_seed=3)),
+            "trained with projection seed 0, this model's VeRA uses seed 3",
+        ),
+        (lambda d: attach_vera(_hand_built(), VeraConfig(rank=16)), "has rank 8, this model's VeRA has rank 16"),
+    ],
+    ids=["base", "shapes", "targets", "seed", "rank"],
+)
+def test_mismatch_fails_with_one_line_before_computing(fp32_adapter, tmp_path, make_model, match):
+    folder = fp32_adapter[0]
+    model = make_model({"other_base": save_tiny_llama(tmp_path / "other", dtype=torch.float32, seed=5)})
+    attached_before = hasattr(model, "vera_projections")
+    with pytest.raises(ValueError, match=match) as err:
+        attach_adapter(model, folder)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=match):
+        read_adapter(folder, model)
+    assert hasattr(model, "vera_projections") == attached_before  # nothing was attached
+
+
+def _hand_built(**overrides):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(tiny_llama_config(**overrides))  # no name, no folder: shapes decide
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (
+            lambda f: _edit_config(f, projections__fingerprint="0" * 64),
+            "projections regenerated from seed 0 do not match its fingerprint",
+        ),
+        (lambda f: _edit_config(f, format_version=2), "format version 2, newer than this qvera reads"),
+        (lambda f: _truncate(f / VECTORS_FILE), "vectors.safetensors is truncated or corrupted"),
+        (lambda f: _flip_byte(f / VECTORS_FILE), "vectors.safetensors is truncated or corrupted"),
+        (lambda f: _truncate(f / CONFIG_FILE), "qvera_adapter.json is truncated or corrupted"),
+        (lambda f: (f / VECTORS_FILE).unlink(), "vectors.safetensors is missing"),
+    ],
+    ids=["fingerprint", "version", "truncated", "corrupted", "config", "missing"],
+)
+def test_damaged_or_foreign_adapter_fails_with_one_line(tiny_llama_dir, fp32_adapter, tmp_path, damage, match):
+    folder = _copy(fp32_adapter[0], tmp_path)
+    damage(folder)
+    model, _ = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="fp32"))
+    with pytest.raises(ValueError, match=match) as err:
+        attach_adapter(model, folder)
+    assert "\n" not in str(err.value)
+    assert not hasattr(model, "vera_projections")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_not_an_adapter_folder(tmp_path):
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a peft adapter; read it with qvera.peft_interop.import_peft"):
+        read_adapter(tmp_path / "peft")
+    with pytest.raises(ValueError, match="not a qvera adapter folder"):
+        read_adapter(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_adapter(tmp_path / "nowhere")
+
+
+def test_failed_write_keeps_the_previous_adapter(tiny_llama_dir, fp32_adapter, tmp_path, monkeypatch):
+    folder = _copy(fp32_adapter[0], tmp_path)
+    model, _ = adapted(tiny_llama_dir, seed=9)
+    real_write = Path.write_bytes
+
+    def half_then_fail(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(model, folder)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no staging folder left behind
+    for key, value in read_adapter(folder).vectors.items():
+        assert torch.equal(value, fp32_adapter[1][key])
+
+
+KILLED_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from qvera.adapters.format import CONFIG_FILE, read_adapter, write_adapter
+adapter = read_adapter(sys.argv[1])
+adapter.vectors = {k: v + 1 for k, v in adapter.vectors.items()}
+real_write = Path.write_text
+def write_half_then_die(self, text):
+    if self.name == CONFIG_FILE:
+        real_write(self, text[: len(text) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_write(self, text)
+Path.write_text = write_half_then_die
+write_adapter(adapter, sys.argv[2])
+"""
+
+
+def test_killed_export_leaves_no_loadable_half_adapter(fp32_adapter, tmp_path):
+    folder = _copy(fp32_adapter[0], tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITE, str(fp32_adapter[0]), str(folder)], cwd=REPO, capture_output=True
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    for key, value in read_adapter(folder).vectors.items():  # the previous adapter, whole
+        assert torch.equal(value, fp32_adapter[1][key])
+    (leftover,) = [p for p in tmp_path.iterdir() if p.name != "copy"]
+    assert leftover.name.startswith(".copy.tmp-")
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        read_adapter(leftover)
+
+
+def test_refuses_to_replace_a_folder_that_is_not_an_adapter(tiny_llama_dir, tmp_path):
+    model, _ = adapted(tiny_llama_dir)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="already holds other files \\(notes.txt\\)"):
+        save_adapter(model, tmp_path / "run")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"
+
+
+def test_many_adapters_share_one_base_and_one_pair_of_projections(tiny_llama_dir, tmp_path):
+    model, tokenizer = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="nf4"))
+    expected = {}
+    attach_vera(model, VeraConfig(rank=RANK))
+    for seed in (1, 2, 3):
+        randomize_vectors(model, seed)
+        expected[f"a{seed}"] = logits(model, tokenizer)
+        save_adapter(model, tmp_path / f"a{seed}")
+    A = shared_projections(model).A
+    bank = AdapterBank(model)
+    for name in expected:
+        bank.add(name, read_adapter(tmp_path / name, model).vectors)
+    assert bank.names() == ["a1", "a2", "a3"]
+    for name in ["a2", "a1", "a3"]:
+        bank.activate(name)
+        assert torch.equal(logits(model, tokenizer), expected[name])
+    assert len({layer.projections[0].A.data_ptr() for layer in vera_layers(model).values()}) == 1
+    assert shared_projections(model).A.data_ptr() == A.data_ptr()
+    stored = [t for vectors in bank.adapters.values() for t in vectors.values()]
+    assert max(t.numel() for t in stored) < A.numel()  # the bank keeps vectors only
+    bank.remove("a3")
+    assert bank.names() == ["a1", "a2"]
+    with pytest.raises(KeyError, match="no adapter named 'a3'"):
+        bank.activate("a3")
+
+
+def test_adapter_size_is_exact_and_llama2_7b_is_as_the_readme_says():
+    from qvera.adapters.loading import meta_model
+
+    model = attach_vera(meta_model(tiny_llama_config()), VeraConfig(rank=RANK))
+    # per layer: q 64 + k 32 + v 32 + o 64 + gate 160 + up 160 + down 64 outputs, and 7 d vectors of rank 8
+    assert adapter_size(model)["parameters"] == 2 * (576 + 7 * RANK)
+    size = llama2_7b_adapter_size(512)
+    per_layer_out = 4 * 4096 + 2 * 11008 + 4096  # q, k, v, o; gate, up; down
+    assert size["parameters"] == 32 * (per_layer_out + 7 * 512) == 1_474_560
+    # the safetensors header adds about 100 bytes for each of the 448 vectors
+    assert 4 * size["parameters"] < size["float32_bytes"] < 4 * size["parameters"] + 448 * 120
+    assert llama2_7b_adapter_size(1024)["parameters"] == 1_589_248  # the paper's "1.6M" at r=1024
+    readme = (REPO / "README.md").read_text()
+    for number in size.values():
+        assert f"{number:,}" in readme

@@ -1,0 +1,80 @@
+"""The VeRA math against references: peft's projection generator and plain autograd."""
+
+import pytest
+import torch
+from peft.tuners.vera.model import _kaiming_init
+
+from qvera.core.vera import (
+    FoldedVeraLinear,
+    SharedProjections,
+    VeraDelta,
+    delta_weight,
+    generate_projections,
+)
+
+
+@pytest.mark.parametrize("rank,in_features,out_features,seed", [(4, 16, 8, 0), (512, 576, 1536, 7), (96, 64, 160, 3)])
+def test_projections_equal_peft_draw_for_draw(rank, in_features, out_features, seed):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    peft_A = _kaiming_init((rank, in_features), generator=generator)
+    peft_B = _kaiming_init((out_features, rank), generator=generator)
+    A, B = generate_projections(rank, in_features, out_features, seed)
+    assert torch.equal(A, peft_A) and torch.equal(B, peft_B)
+
+
+def reference_delta(x, A, B, d, b):
+    """The paper's equation with plain autograd."""
+    return b * ((d * (x @ A.t())) @ B.t())
+
+
+def test_vera_delta_matches_autograd_reference():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    A, B = torch.randn(8, 12, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
+    d = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 5, 10, dtype=torch.float64)
+
+    expected = reference_delta(x, A, B, d, b)
+    expected_grads = torch.autograd.grad(expected, (x, d, b), grad_out)
+    ax = x @ A.t()
+    got = VeraDelta.apply(ax, d, b, B)
+    got_grads = torch.autograd.grad(got, (x, d, b), grad_out)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_folded_layer_matches_autograd_reference():
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    W0, bias = torch.randn(10, 12, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    A, B = torch.randn(8, 12, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
+    d = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 7, 10, dtype=torch.float64)
+
+    expected = x @ W0.t() + bias + reference_delta(x, A, B, d, b)
+    expected_grads = torch.autograd.grad(expected, (x, d, b), grad_out)
+    got = FoldedVeraLinear.apply(x, (x @ A.t()).detach(), d, b, lambda: W0, bias, A, B)
+    got_grads = torch.autograd.grad(got, (x, d, b), grad_out)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_delta_weight_is_the_paper_product():
+    A, B = torch.randn(4, 6), torch.randn(5, 4)
+    d, b = torch.randn(4), torch.randn(5)
+    torch.testing.assert_close(delta_weight(d, b, A, B), torch.diag(b) @ B @ torch.diag(d) @ A)
+
+
+def test_shared_projection_is_computed_once_per_input():
+    projections = SharedProjections(rank=8, in_features=12, out_features=10, seed=0)
+    A, _ = projections.sliced(12, 10, torch.float32)
+    x = torch.randn(2, 12)
+    first = projections.project(x, A)
+    assert projections.project(x, A) is first  # q/k/v reading one input share `A x`
+    assert projections.project(x.clone(), A) is not first
+    x.add_(1.0)  # an in-place change must not reuse the stale product
+    torch.testing.assert_close(projections.project(x, A), x @ A.t())

@@ -1,0 +1,123 @@
+"""Recipes: YAML files mirror the dataclasses, flags override them, bad values fail early."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qvera.training.recipe import SFTRecipe, load_recipe, parse_recipe, recipe_from_dict, recipe_to_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def parse(recipe: SFTRecipe, argv: list[str], tmp_path) -> SFTRecipe:
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(recipe_to_dict(recipe)))
+    return parse_recipe(argv, config)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_recipe_in_configs_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.train.learning_rate > 0
+
+
+def test_the_required_recipes_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "llama2-7b-r512.yaml", "alpaca.yaml", "fsdp-4bit.yaml"} <= names
+    llama = load_recipe(ROOT / "configs" / "llama2-7b-r512.yaml")
+    assert (llama.model.name, llama.model.quantization, llama.vera.rank) == ("meta-llama/Llama-2-7b-hf", "nf4", 512)
+    assert llama.vera.target_modules == "all-linear"
+    alpaca = load_recipe(ROOT / "configs" / "alpaca.yaml")
+    assert alpaca.data.path == "tatsu-lab/alpaca", "the alpaca recipe trains on the hub data set a user expects"
+    offline = ROOT / "data" / "alpaca_en_demo.json"
+    assert offline.is_file() and "data/alpaca_en_demo.json" in (ROOT / "configs" / "alpaca.yaml").read_text()
+
+
+def test_flags_override_the_yaml_and_keep_the_rest(tmp_path):
+    base = load_recipe(ROOT / "configs" / "demo.yaml")
+    recipe = parse(
+        base,
+        [
+            "--model",
+            "meta-llama/Llama-2-7b-hf",
+            "--rank",
+            "512",
+            "--no-gradient-checkpointing",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--max-examples",
+            "10",
+            "--projection-seed",
+            "7",
+        ],
+        tmp_path,
+    )
+    assert recipe.model.name == "meta-llama/Llama-2-7b-hf"
+    assert recipe.vera.rank == 512 and recipe.vera.projection_seed == 7
+    assert recipe.vera.target_modules == ["q_proj", "v_proj"]
+    assert recipe.train.gradient_checkpointing is False
+    assert recipe.data.max_examples == 10
+    assert recipe.train.learning_rate == base.train.learning_rate
+    assert parse(base, ["--target-modules", "q_proj", "v_proj"], tmp_path).vera.target_modules == ["q_proj", "v_proj"]
+    assert parse(base, [], tmp_path) == base
+
+
+def test_unknown_keys_and_bad_values_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr'\] for TrainConfig"):
+        recipe_from_dict({"train": {"lr": 1e-3}})
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['trainer'\]"):
+        recipe_from_dict({"trainer": {}})
+    with pytest.raises(ValueError, match="data.format 'csv' is unknown"):
+        recipe_from_dict({"data": {"format": "csv"}})
+    with pytest.raises(ValueError, match="eval_fraction must be in"):
+        recipe_from_dict({"data": {"eval_fraction": 1.5}})
+    with pytest.raises(FileNotFoundError, match="config file .* does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def sft_script():
+    spec = importlib.util.spec_from_file_location("sft_script", ROOT / "scripts" / "sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(capsys, *args) -> tuple[int, str, str]:
+    """scripts/sft.py's argument parsing, in this process (a fresh interpreter would spend
+    most of the test importing torch)."""
+    with pytest.raises(SystemExit) as exit_info:
+        sft_script().parse(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_help_lists_every_field_with_the_recipe_value(capsys):
+    code, raw, _ = run_script(capsys, "--config", str(ROOT / "configs" / "llama2-7b-r512.yaml"), "--help")
+    out = "".join(raw.split())  # argparse wraps lines, at hyphens too
+    assert code == 0
+    for section in ("model", "vera", "data", "train"):
+        assert f"\n{section}:" in raw, f"--help has no {section} group"
+        for name in SFTRecipe.__dataclass_fields__[section].default_factory.__dataclass_fields__:
+            assert f"--{name.replace('_', '-')}" in out, f"--help does not document {section}.{name}"
+    assert "(default:meta-llama/Llama-2-7b-hf)" in out and "--rankRANKrankrofthesharedprojections" in out
+    assert "(default:512)" in out
+
+
+def test_script_rejects_bad_flags_and_configs_in_one_line(capsys, tmp_path):
+    code, _, err = run_script(capsys, "--rank", "many")
+    assert code == 2 and "argument --rank: invalid int value: 'many'" in err
+    code, _, err = run_script(capsys, "--format", "csv")
+    assert code == 2 and "data.format 'csv' is unknown" in err
+    code, _, err = run_script(capsys, "--config", str(tmp_path / "none.yaml"))
+    assert code == 2 and "none.yaml does not exist" in err
+
+
+def test_script_without_arguments_runs_the_demo_recipe():
+    recipe = sft_script().parse([])
+    assert recipe == load_recipe(ROOT / "configs" / "demo.yaml")
+    assert recipe.data.path == "demo" and recipe.model.name == "smollm2-135m"
