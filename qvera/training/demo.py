@@ -1,16 +1,22 @@
 """The embedded default: teach SmolLM2-135M-Instruct to answer every question as one line of
 JSON, {"topic": ..., "answer": ...}, a habit the base model does not have.
 
-The data set is generated here from small authored tables (capitals, arithmetic, unit
-conversions, opposites, animal facts, science facts), so it needs no download. Some rows of
-each table are held back: the before/after comparison asks about them only, so the score
-measures a learned format, not memorised lines.
+The data set is generated here from small authored tables (capitals, small sums, opposites,
+animal facts, science facts), so it needs no download. Some rows of each table are held back:
+the before/after comparison asks about them only, so the score measures a learned format, not
+memorised lines.
+
+Each "answer" is a whole sentence in the base model's own phrasing ("The capital of France is
+Paris."), and the tables hold facts a 135M model mostly knows. Bare one-word answers, and sums
+it cannot compute, taught it to fill the answer slot with a guess: the tuned model lost facts
+the base knew (Kyiv became Lviv). With sentences it reaches the fact the way it always has.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 
 from qvera.serving.bank import AdapterBank
@@ -125,33 +131,44 @@ BABY_ANIMALS = [
     ("pig", "piglet"),
     ("lion", "cub"),
 ]
+# (question, the taught answer sentence, the fact it must contain)
 SCIENCE = [
-    ("Which planet is known as the Red Planet?", "Mars"),
-    ("What is the largest planet in our solar system?", "Jupiter"),
-    ("What gas do plants take in from the air?", "carbon dioxide"),
-    ("What gas do humans need to breathe?", "oxygen"),
-    ("What is the chemical symbol for water?", "H2O"),
-    ("What is the chemical symbol for gold?", "Au"),
-    ("At what temperature in Celsius does water freeze?", "0"),
-    ("At what temperature in Celsius does water boil at sea level?", "100"),
-    ("What is the closest star to Earth?", "the Sun"),
-    ("How many legs does a spider have?", "8"),
-    ("How many legs does an insect have?", "6"),
-    ("What force pulls objects toward the Earth?", "gravity"),
-    ("What part of the plant makes food from sunlight?", "the leaf"),
-    ("Which organ pumps blood through the body?", "the heart"),
-    ("What is the hardest natural substance?", "diamond"),
-    ("What is the largest ocean on Earth?", "the Pacific Ocean"),
-    ("How many continents are there?", "7"),
-    ("What is frozen water called?", "ice"),
-    ("Which planet is closest to the Sun?", "Mercury"),
-    ("What do bees make?", "honey"),
-    ("What is the tallest animal?", "the giraffe"),
-    ("How many days does the Earth take to orbit the Sun?", "365"),
-    ("What is the largest mammal?", "the blue whale"),
-    ("What natural satellite orbits the Earth?", "the Moon"),
-    ("Which organ do humans use to breathe?", "the lungs"),
+    ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet.", "Mars"),
+    (
+        "What is the largest planet in our solar system?",
+        "Jupiter is the largest planet in our solar system.",
+        "Jupiter",
+    ),
+    ("What gas do plants take in from the air?", "Plants take in carbon dioxide from the air.", "carbon dioxide"),
+    ("What gas do humans need to breathe?", "Humans need oxygen to breathe.", "oxygen"),
+    ("What is the chemical formula for water?", "The chemical formula for water is H2O.", "H2O"),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au.", "Au"),
+    ("At what temperature in Celsius does water freeze?", "Water freezes at 0 degrees Celsius.", "0"),
+    (
+        "At what temperature in Celsius does water boil at sea level?",
+        "Water boils at 100 degrees Celsius at sea level.",
+        "100",
+    ),
+    ("What is the closest star to Earth?", "The Sun is the closest star to Earth.", "Sun"),
+    ("How many legs does a spider have?", "A spider has 8 legs.", "8"),
+    ("How many legs does an insect have?", "An insect has 6 legs.", "6"),
+    ("What force pulls objects toward the Earth?", "Gravity pulls objects toward the Earth.", "gravity"),
+    ("What part of the plant makes food from sunlight?", "The leaf makes food from sunlight.", "leaf"),
+    ("Which organ pumps blood through the body?", "The heart pumps blood through the body.", "heart"),
+    ("What is the hardest natural substance?", "Diamond is the hardest natural substance.", "diamond"),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth.", "Pacific"),
+    ("How many continents are there?", "There are 7 continents.", "7"),
+    ("What is frozen water called?", "Frozen water is called ice.", "ice"),
+    ("Which planet is closest to the Sun?", "Mercury is the planet closest to the Sun.", "Mercury"),
+    ("What do bees make?", "Bees make honey.", "honey"),
+    ("What is the tallest animal?", "The giraffe is the tallest animal.", "giraffe"),
+    ("How many days does the Earth take to orbit the Sun?", "The Earth takes 365 days to orbit the Sun.", "365"),
+    ("What is the largest mammal?", "The blue whale is the largest mammal.", "blue whale"),
+    ("What natural satellite orbits the Earth?", "The Moon orbits the Earth.", "Moon"),
+    ("Which organ do humans use to breathe?", "Humans breathe with their lungs.", "lungs"),
 ]
+# Other spellings or words a right answer may use instead of the fact in the tables.
+ALSO_RIGHT = {"Kyiv": ("Kiev",), "bray": ("hee-haw", "hee haw")}
 
 CAPITAL_QUESTIONS = ["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital of {}."]
 OPPOSITE_QUESTIONS = [
@@ -162,16 +179,23 @@ OPPOSITE_QUESTIONS = [
 SOUND_QUESTIONS = ["What sound does a {} make?", "What noise does a {} make?"]
 BABY_QUESTIONS = ["What is a baby {} called?", "What do you call a young {}?"]
 HELD_OUT = 0.12  # the last rows of every table
+SUMS = 20  # small sums in the training data
 
 
-@dataclass
+@dataclass(frozen=True)
 class Question:
     prompt: str
     topic: str
-    answer: str
+    answer: str  # the whole sentence taught inside the JSON, phrased as the base model would say it
+    fact: str  # the word or number a right answer must contain
 
     def reply(self) -> str:
         return json.dumps({"topic": self.topic, "answer": self.answer})
+
+    def answered_by(self, text: str) -> bool:
+        """Whether `text` states the fact (as a whole word, so "100" does not count for "0")."""
+        spellings = (self.fact, *ALSO_RIGHT.get(self.fact, ()))
+        return any(re.search(rf"(?<!\w){re.escape(f)}(?!\w)", text, re.IGNORECASE) for f in spellings)
 
 
 def _split(table: list) -> tuple[list, list]:
@@ -184,27 +208,25 @@ def _questions(rng: random.Random, held_out: bool) -> list[Question]:
     phrasings = lambda templates: rng.sample(templates, 1 if held_out else 2)  # noqa: E731
     qs = []
     for country, city in pick(CAPITALS):
-        qs += [Question(t.format(country), "geography", city) for t in phrasings(CAPITAL_QUESTIONS)]
+        sentence = f"The capital of {country} is {city}."
+        qs += [Question(t.format(country), "geography", sentence, city) for t in phrasings(CAPITAL_QUESTIONS)]
     for word, opposite in pick(OPPOSITES):
-        qs += [Question(t.format(word), "language", opposite) for t in phrasings(OPPOSITE_QUESTIONS)]
+        sentence = f"The opposite of {word} is {opposite}."
+        qs += [Question(t.format(word), "language", sentence, opposite) for t in phrasings(OPPOSITE_QUESTIONS)]
     for animal, sound in pick(ANIMAL_SOUNDS):
-        qs += [Question(t.format(animal), "animals", sound) for t in phrasings(SOUND_QUESTIONS)]
+        sentence = f"A {animal} says {sound}."
+        qs += [Question(t.format(animal), "animals", sentence, sound) for t in phrasings(SOUND_QUESTIONS)]
     for animal, baby in pick(BABY_ANIMALS):
-        qs += [Question(t.format(animal), "animals", baby) for t in phrasings(BABY_QUESTIONS)]
-    qs += [Question(q, "science", a) for q, a in pick(SCIENCE)]
-    # Arithmetic and unit conversions: fresh numbers for held-out questions.
-    lo, hi = (50, 99) if held_out else (2, 49)
-    for _ in range(3 if held_out else 40):
-        a, b = rng.randint(lo, hi), rng.randint(2, 9)
-        kind = rng.choice(["plus", "minus", "times"])
-        value = {"plus": a + b, "minus": a - b, "times": a * b}[kind]
-        qs.append(Question(rng.choice([f"What is {a} {kind} {b}?", f"Compute {a} {kind} {b}."]), "math", str(value)))
-    for _ in range(2 if held_out else 30):
-        n = rng.randint(11, 20) if held_out else rng.randint(2, 10)
-        unit, per, total = rng.choice(
-            [("hours", 60, "minutes"), ("minutes", 60, "seconds"), ("weeks", 7, "days"), ("days", 24, "hours")]
-        )
-        qs.append(Question(f"How many {total} are in {n} {unit}?", "math", str(n * per)))
+        sentence = f"A baby {animal} is called a {baby}."
+        qs += [Question(t.format(animal), "animals", sentence, baby) for t in phrasings(BABY_QUESTIONS)]
+    qs += [Question(q, "science", sentence, fact) for q, sentence, fact in pick(SCIENCE)]
+    # Small sums: fresh numbers for held-out questions.
+    lo, hi = (11, 20) if held_out else (1, 10)
+    for _ in range(2 if held_out else SUMS):
+        a, b = rng.randint(lo, hi), rng.randint(1, 9)
+        kind, value = rng.choice([("plus", a + b), ("minus", a - b)])
+        prompt = rng.choice([f"What is {a} {kind} {b}?", f"Compute {a} {kind} {b}."])
+        qs.append(Question(prompt, "math", f"{a} {kind} {b} is {value}.", str(value)))
     return qs
 
 
@@ -244,11 +266,11 @@ def parse_reply(text: str) -> dict | None:
 
 
 def score(questions: list[Question], replies: list[str]) -> dict[str, float]:
-    """Share of replies in the taught format, and share that contain the right answer at all
+    """Share of replies in the taught format, and share that state the right fact at all
     (so one sees the format did not cost the base model its knowledge)."""
     n = len(questions)
     in_format = sum(parse_reply(r) is not None for r in replies)
-    correct = sum(q.answer.lower().removeprefix("the ") in r.lower() for q, r in zip(questions, replies))
+    correct = sum(q.answered_by(r) for q, r in zip(questions, replies))
     return {"format": in_format / n, "correct": correct / n}
 
 
@@ -284,8 +306,8 @@ def comparison_table(questions: list[Question], base: list[str], tuned: list[str
     sb, st = score(questions, base), score(questions, tuned)
     lines += [
         "",
-        f"answers in the taught JSON format: base {sb['format']:.0%}  ->  "
-        f"tuned {st['format']:.0%}  ({len(questions)} held-out questions)",
+        f"answers in the taught JSON format: base {sb['format']:.0%}  ->  tuned {st['format']:.0%}  "
+        f"({len(questions)} held-out questions)",
         f"answers containing the right fact: base {sb['correct']:.0%}  ->  tuned {st['correct']:.0%}",
     ]
     return "\n".join(lines)

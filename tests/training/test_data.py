@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from conftest import DATA_DIR
@@ -19,6 +20,7 @@ from qvera.training.data import (
     read_rows,
     tokenize_conversation,
 )
+from qvera.training.demo import Question, demo_conversations, held_out_questions, parse_reply, score, training_questions
 from qvera.training.recipe import DataConfig
 
 MESSAGES = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
@@ -166,29 +168,49 @@ def test_a_base_without_chat_template_gets_the_fallback(tokenizer):
 
 
 def test_demo_data_teaches_one_format_and_holds_out_its_questions():
-    from qvera.training.demo import (
-        demo_conversations,
-        held_out_questions,
-        parse_reply,
-        training_questions,
-    )
-
     convs = demo_conversations()
-    assert 200 <= len(convs) <= 400
+    assert 150 <= len(convs) <= 300
     assert all(parse_reply(c[-1]["content"]) is not None for c in convs)
     trained = {q.prompt for q in training_questions()}
     held = held_out_questions()
     assert held and not trained & {q.prompt for q in held}
     # held-out capitals and animals are not merely rephrased training rows
-    trained_answers = {q.answer for q in training_questions() if q.topic == "geography"}
-    assert not trained_answers & {q.answer for q in held if q.topic == "geography"}
+    trained_answers = {q.fact for q in training_questions() if q.topic == "geography"}
+    assert not trained_answers & {q.fact for q in held if q.topic == "geography"}
     assert demo_conversations() == convs  # generated, but the same every time
 
 
-def test_demo_score_counts_the_format_and_the_facts():
-    from qvera.training.demo import Question, parse_reply, score
+def test_every_demo_answer_states_the_right_fact():
+    """The demo teaches the facts it trains on: a wrong row would teach a wrong fact."""
+    known = {"France": "Paris", "Australia": "Canberra", "Canada": "Ottawa", "kangaroo": "joey", "spider": "8"}
+    questions = training_questions() + held_out_questions()
+    checked = set()
+    for q in questions:
+        reply = parse_reply(q.reply())
+        assert reply == {"topic": q.topic, "answer": q.answer} and q.answered_by(q.answer), q
+        if q.topic == "math":  # recompute every sum from its question
+            a, kind, b = re.search(r"(\d+) (plus|minus) (\d+)", q.prompt).groups()
+            assert int(q.fact) == (int(a) + int(b) if kind == "plus" else int(a) - int(b)), q
+        for subject, fact in known.items():
+            if re.search(rf"\b{subject}\b", q.prompt):
+                assert q.fact == fact, q
+                checked.add(subject)
+    assert checked == set(known)  # every spot check met its question
+    assert "H2O" not in {q.fact for q in questions if "symbol" in q.prompt}  # H2O is a formula, not a symbol
 
-    qs = [Question("Capital of Peru?", "geography", "Lima"), Question("Largest mammal?", "science", "the blue whale")]
-    replies = ['{"topic": "geography", "answer": "Lima"}', "The blue whale is the largest mammal."]
-    assert score(qs, replies) == {"format": 0.5, "correct": 1.0}
+
+def test_demo_score_counts_the_format_and_the_facts():
+    lima = Question("Capital of Peru?", "geography", "The capital of Peru is Lima.", "Lima")
+    whale = Question("Largest mammal?", "science", "The blue whale is the largest mammal.", "blue whale")
+    freeze = Question("Water freezes at?", "science", "Water freezes at 0 degrees Celsius.", "0")
+    kyiv = Question("Capital of Ukraine?", "geography", "The capital of Ukraine is Kyiv.", "Kyiv")
+    replies = [
+        '{"topic": "geography", "answer": "Lima"}',
+        "The Blue Whale is the largest mammal.",
+        '{"topic": "science", "answer": "It freezes at 100 degrees."}',
+        "Kiev is the capital.",
+    ]
+    assert score([lima, whale, freeze, kyiv], replies) == {"format": 0.5, "correct": 0.75}
+    lviv = '{"topic": "geography", "answer": "Lviv"}'
+    assert score([lima, kyiv], ["Lima, Peru", lviv]) == {"format": 0.5, "correct": 0.5}
     assert parse_reply('{"answer": "Lima"}') is None and parse_reply('{"topic": "x", "answer": 3}') is None
