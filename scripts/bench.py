@@ -11,6 +11,12 @@ parameters; adapter file bytes.
     python scripts/bench.py                      # SmolLM2-135M in NF4, batch 4 x 256, bf16 autocast
     python scripts/bench.py --json bench.json    # also write the rows as JSON
     python scripts/bench.py --meta llama2-7b     # work and saved bytes at Llama-2-7B shapes, no weights
+    python scripts/bench.py --device cuda --shape llama2-7b --max-context 8 12 16 24   # one GPU
+
+`--device cuda` builds a random-weight model of the `--shape` (Llama-2-7B: no download),
+quantizes it to NF4 on the GPU and measures tokens/s and peak memory per variant at batch 1 x
+2048 tokens (experiments/train_step_bench.py); `--max-context` adds the longest sequence that
+trains under each memory cap in GB.
 
 `--meta` builds the model on PyTorch's meta device (shapes only, nothing computed), so it
 counts floating-point work and bytes saved for the backward of any size on any machine; it
@@ -37,9 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ liv
 from peft import LoraConfig, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from experiments import train_step_bench
 from experiments.profiling import count_flops, count_saved_tensors, median_seconds
+from qvera.core.hardware import COMPUTE_DTYPES, compute_dtype
+from qvera.core.random_base import SHAPES
 
 VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:256", "qvera:512", "qvera:1024"]
+GPU_VARIANTS = train_step_bench.VARIANTS
 
 
 META_CONFIGS = {
@@ -70,7 +80,7 @@ def build(model_name: str, variant: str, meta=None):
     if meta is not None:
         model = meta_model(meta)
     else:
-        model, _ = qvera.load_base(qvera.ModelConfig(name=model_name, quantization="nf4"))
+        model, _ = qvera.load_base(qvera.ModelConfig(name=model_name, quantization="nf4"), device_map="cpu")
     model.train()
     if method == "floor":
         model.enable_input_require_grads()  # backward to the inputs, as a frozen base trains nothing
@@ -102,14 +112,14 @@ def adapter_bytes(model, method: str) -> int:
         return sum(f.stat().st_size for f in Path(folder).iterdir() if f.suffix == ".safetensors")
 
 
-def measure(model_name: str, variant: str, batch: int, seq: int, repeats: int) -> dict:
+def measure(model_name: str, variant: str, batch: int, seq: int, repeats: int, dtype: torch.dtype) -> dict:
     model, method, rank = build(model_name, variant)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3) if method != "floor" else None
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
 
     def forward():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             return model(input_ids=ids, labels=ids).loss
 
     def step():
@@ -222,22 +232,44 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="base model (default: %(default)s)")
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="method:rank list (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: %(default)s)")
-    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=4, help="timed steps per variant (default: %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b", help="random base for --device cuda")
+    parser.add_argument(
+        "--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help="autocast dtype (default: %(default)s)"
+    )
+    parser.add_argument("--max-context", type=float, nargs="*", default=[], metavar="GB", help="memory caps (cuda)")
+    parser.add_argument("--markdown", type=Path, help="also write the tables to this path")
+    parser.add_argument("--variants", nargs="+", help=f"method:rank list (cpu: {VARIANTS}; cuda: {GPU_VARIANTS})")
+    parser.add_argument("--batch", type=int, help="sequences per step (cpu: 4; cuda: 1)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (cpu: 256; cuda: 2048)")
+    parser.add_argument("--repeats", type=int, help="timed steps per variant (cpu: 4; cuda: 3)")
     parser.add_argument(
         "--reference-rank", type=int, default=512, help="peft VeRA rank for ratios (default: %(default)s)"
     )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
     parser.add_argument("--meta", choices=sorted(META_CONFIGS), help="count work and bytes at these shapes, no timing")
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    for name, on_cpu, on_cuda in (
+        ("variants", VARIANTS, GPU_VARIANTS),
+        ("batch", 4, 1),
+        ("seq", 256, 2048),
+        ("repeats", 4, 3),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if cuda else on_cpu)
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to PyTorch")
+    if args.max_context and not cuda:
+        parser.error("--max-context needs --device cuda (it caps GPU memory)")
     if "floor" not in args.variants:
         parser.error("--variants must include 'floor': every ratio is taken against it")
 
     command = f"python scripts/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     torch.manual_seed(0)
     rows = []
+    if cuda:
+        return bench_cuda(args, command)
     if args.meta:
         rows = [measure_meta(args.meta, variant, args.batch, args.seq) for variant in args.variants]
         print(f"command: {command}")
@@ -245,8 +277,9 @@ def main(argv=None) -> None:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
         return
+    dtype = compute_dtype(args.compute_dtype, "cpu")
     for variant in args.variants:
-        rows.append(measure(args.model, variant, args.batch, args.seq, args.repeats))
+        rows.append(measure(args.model, variant, args.batch, args.seq, args.repeats, dtype))
         print(f"{variant}: {rows[-1]['step_s']:.2f} s/step", file=sys.stderr, flush=True)
     add_ratios(rows, args.reference_rank)
     print(f"command: {command}")
@@ -254,6 +287,33 @@ def main(argv=None) -> None:
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(f"command: `{command}`\n\n{markdown(rows)}\n")
+
+
+def bench_cuda(args, command: str) -> None:
+    """The GPU benchmark: every variant on the random base, then the context search; one process."""
+    rows = []
+    for variant in args.variants:
+        rows.append(
+            train_step_bench.measure(
+                args.shape, variant, args.batch, args.seq, args.repeats, args.compute_dtype, "cuda"
+            )
+        )
+        print(f"{variant}: {rows[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+    contexts = [
+        train_step_bench.max_context(args.shape, variant, args.max_context, args.compute_dtype)
+        for variant in (train_step_bench.CONTEXT_VARIANTS if args.max_context else [])
+    ]
+    summary = train_step_bench.ratios(rows)
+    device = torch.cuda.get_device_name()
+    table = train_step_bench.markdown(rows, contexts, summary)
+    print(f"command: {command}\ndevice: {device}, torch {torch.__version__}\n{table}")
+    report = dict(command=command, device=device, torch=torch.__version__, rows=rows, contexts=contexts, **summary)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(f"command: `{command}`\n\ndevice: {device}, torch {torch.__version__}\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import sys
 
 from qvera import ModelConfig, load_base
+from qvera.core.hardware import COMPUTE_DTYPES
 from qvera.serving.generation import Chat, Sampling, reply_batch
 
 
@@ -23,6 +24,12 @@ def main() -> None:
         "--model", default=model_defaults.name, help="base: a local folder, a hub id or the built-in smollm2-135m"
     )
     parser.add_argument("--quantization", default=model_defaults.quantization, choices=["nf4", "int8", "bf16", "fp32"])
+    parser.add_argument(
+        "--compute-dtype",
+        default=model_defaults.compute_dtype,
+        choices=COMPUTE_DTYPES,
+        help="auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)",
+    )
     parser.add_argument(
         "--adapter",
         action="append",
@@ -50,7 +57,12 @@ def main() -> None:
         parser.error(
             f"got {len(args.adapter)} --adapter for {len(args.prompt)} --prompt; give one per prompt, or one for all"
         )
-    model, tokenizer = load_base(ModelConfig(name=args.model, quantization=args.quantization))
+    try:
+        model, tokenizer = load_base(
+            ModelConfig(name=args.model, quantization=args.quantization, compute_dtype=args.compute_dtype)
+        )
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
     if len(args.prompt) > 1:
         names = args.adapter if len(args.adapter) > 1 else (args.adapter or ["none"]) * len(args.prompt)
         folders = [None if name == "none" else name for name in names]

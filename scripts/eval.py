@@ -8,11 +8,13 @@ is a few tokens long are also answered greedily and scored by exact match. Print
 
 import argparse
 import json
+import sys
 
 from transformers.utils import logging as hf_logging
 
 from qvera.adapters.loading import load_adapted
 from qvera.core.config import ModelConfig
+from qvera.core.hardware import COMPUTE_DTYPES
 from qvera.training.evaluate import exact_match, heldout_loss, load_examples
 
 
@@ -26,12 +28,22 @@ def main():
     parser.add_argument("--limit", type=int, help="score a fixed random subset of this many rows")
     parser.add_argument("--seed", type=int, default=0, help="which subset --limit picks")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
+    parser.add_argument(
+        "--compute-dtype",
+        default=ModelConfig.compute_dtype,
+        choices=COMPUTE_DTYPES,
+        help="auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)",
+    )
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example, as in training")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     convs = load_examples(args.dataset, args.limit, args.seed)
-    model, tokenizer = load_adapted(ModelConfig(name=args.model, quantization=args.quantization), args.adapter)
+    base = ModelConfig(name=args.model, quantization=args.quantization, compute_dtype=args.compute_dtype)
+    try:
+        model, tokenizer = load_adapted(base, args.adapter)
+    except ValueError as err:
+        sys.exit(f"eval.py: error: {err}")
     report = {
         "model": args.model,
         "adapter": args.adapter,

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from experiments import train_step_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,3 +63,29 @@ def test_bench_refuses_a_run_without_the_floor():
         timeout=120,
     )
     assert result.returncode == 2 and "--variants must include 'floor'" in result.stderr
+
+
+def test_train_step_bench_runs_each_kind_of_variant_on_a_cpu(monkeypatch, tmp_path):
+    """The GPU benchmark's code on the random tiny base (a CPU has no memory figures)."""
+    monkeypatch.setenv("QVERA_CACHE", str(tmp_path))
+    rows = [
+        train_step_bench.measure("tiny", variant, batch=1, seq=32, repeats=1, compute_dtype="float32", device="cpu")
+        for variant in ("floor", "peft-lora:4", "peft-vera:16", "qvera:16")
+    ]
+    assert [r["variant"] for r in rows] == ["floor", "peft-lora", "peft-vera", "qvera"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_allocated_gb"] is None for r in rows)
+    assert rows[3]["trainable"] == rows[2]["trainable"] > 0 and rows[0]["trainable"] == 0
+    rows[2]["rank"] = rows[3]["rank"] = 512  # as the GPU run names them
+    summary = train_step_bench.ratios(rows)
+    assert summary["qvera512_over_peft_vera512"] > 0 and summary["qvera512_over_lora64"] is None
+    assert "| qvera | 512 | 1 x 32 |" in train_step_bench.markdown(rows, [], summary)
+
+
+def test_bench_cuda_and_max_context_need_a_gpu():
+    for flags, message in ((["--device", "cuda"], "no CUDA GPU"), (["--max-context", "8"], "needs --device cuda")):
+        if flags[0] == "--device" and torch.cuda.is_available():
+            continue
+        result = subprocess.run(
+            [sys.executable, "scripts/bench.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 2 and message in result.stderr

@@ -1,4 +1,4 @@
-"""Loading the base model: a hub id, a local folder, or the built-in `smollm2-135m`."""
+"""Loading the base model: a hub id, a local folder, the built-in `smollm2-135m`, or `random:SHAPE`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qvera.core.bnb import disable_cpu_repacking
 from qvera.core.config import ModelConfig
+from qvera.core.hardware import compute_dtype
+from qvera.core.random_base import build_random_model, is_random, random_base_folder
 
 BUILTIN_SMOLLM2 = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -74,17 +76,28 @@ def builtin_smollm2_folder() -> str:
 def resolve_model_path(name: str) -> str:
     if name == BUILTIN_SMOLLM2:
         return builtin_smollm2_folder()
+    if is_random(name):
+        return random_base_folder(name, cache_dir())
     return name  # a hub id or a local folder: transformers resolves both
 
 
-def quantization_config(config: ModelConfig):
-    compute_dtype = getattr(torch, config.compute_dtype)
+def device_kind(device_map: str | dict | None) -> str:
+    """ "cuda" or "cpu": where load_base will put the model for this device_map."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    places = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return "cpu" if all(str(place) == "cpu" for place in places) else "cuda"
+
+
+def quantization_config(config: ModelConfig, dtype: torch.dtype | None = None):
+    """bitsandbytes' settings; `dtype` is the resolved compute dtype (default: resolved here)."""
+    dtype = dtype or compute_dtype(config.compute_dtype)
     if config.quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=config.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=getattr(torch, config.quant_storage),
         )
     if config.quantization == "int8":
@@ -98,19 +111,23 @@ def load_base(config: ModelConfig | str, device_map: str | dict | None = None):
         config = ModelConfig(name=config)
     if config.quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {config.quantization!r} is not one of {QUANTIZATIONS}")
-    path = resolve_model_path(config.name)
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32 if config.quantization == "fp32" else getattr(torch, config.compute_dtype)
+    # Resolved (and announced) before any loading, so an impossible dtype fails at once.
+    dtype = compute_dtype(config.compute_dtype, device_kind(device_map))
+    quantization = quantization_config(config, dtype)
+    if config.quantization == "fp32":
+        dtype = torch.float32
+    path = resolve_model_path(config.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            revision=config.revision,
-            dtype=dtype,
-            device_map=device_map,
-            quantization_config=quantization_config(config),
-        )
+        if is_random(config.name):
+            device = "cpu" if device_kind(device_map) == "cpu" else f"cuda:{torch.cuda.current_device()}"
+            model = build_random_model(config.name, dtype, quantization, device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, revision=config.revision, dtype=dtype, device_map=device_map, quantization_config=quantization
+            )
     except OSError as err:
         raise FileNotFoundError(
             f"cannot load model {config.name!r} (not a local folder, a reachable hub id, "

@@ -46,11 +46,18 @@ class ModelConfig:
     _argument_group_name = "model"
 
     name: str = option(
-        "smollm2-135m", "hub id, local folder, or smollm2-135m (the built-in model)", aliases=["--model"]
+        "smollm2-135m",
+        "hub id, local folder, smollm2-135m (the built-in model), or random:llama2-7b / random:tiny "
+        "(random weights, no download)",
+        aliases=["--model"],
     )
     quantization: str = option("nf4", "nf4 (QLoRA's default), int8, bf16 or fp32")
     double_quant: bool = option(True, "quantize the 4-bit scales too (QLoRA)")
-    compute_dtype: str = option("bfloat16", "dtype of the dequantized matmuls")
+    compute_dtype: str = option(
+        "auto",
+        "dtype of the dequantized matmuls: auto (bf16 where the GPU or CPU has it, else fp16 on a GPU, "
+        "fp32 on a CPU; see qvera.core.hardware), bfloat16, float16 or float32",
+    )
     # FSDP shards 4-bit weights only when they are stored in the same dtype as the rest.
     quant_storage: str = option("uint8", "dtype the 4-bit weights are packed in (bfloat16 for FSDP)")
     revision: str | None = option(None, "hub revision of the base")

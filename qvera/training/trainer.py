@@ -35,6 +35,7 @@ from qvera.core.attach import (
     vector_state,
 )
 from qvera.core.base import load_base
+from qvera.core.hardware import compute_dtype
 from qvera.training.data import (
     ensure_chat_template,
     load_conversations,
@@ -166,8 +167,12 @@ def prepare_output_dir(output_dir: str | Path, resume: bool) -> Path | None:
 
 
 def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
+    """TRL's settings. On CUDA, autocast in the compute dtype, with loss scaling for fp16 (the
+    vectors stay fp32, so the scaler can unscale their gradients); on a CPU no autocast: the
+    model runs in the dtype load_base gave it (bf16, or fp32 where bf16 would be emulated)."""
     train, data = recipe.train, recipe.data
     cuda = torch.cuda.is_available()
+    dtype = compute_dtype(recipe.model.compute_dtype)
     optimizer = train.optimizer
     if optimizer == "auto":
         optimizer = "paged_adamw_8bit" if cuda else "adamw_torch"
@@ -193,7 +198,8 @@ def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
         save_steps=train.save_steps if train.save_steps > 0 else 500,
         save_total_limit=train.save_total_limit,
         seed=train.seed,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,
         max_length=data.max_length,
         packing=data.packing,
@@ -237,7 +243,8 @@ class SFTResult:
 
 
 def build_trainer(recipe: SFTRecipe, log=print):
-    """Validate everything cheap first (output folder, data), then load the model and data."""
+    """Validate everything cheap first (compute dtype, output folder, data), then load the model and data."""
+    compute_dtype(recipe.model.compute_dtype)  # an impossible dtype fails here, before any loading
     checkpoint = prepare_output_dir(recipe.train.output_dir, recipe.train.resume)
     train_convs, eval_convs = load_conversations(recipe.data, recipe.train.seed)
     log(f"data: {len(train_convs)} training and {len(eval_convs)} evaluation examples")

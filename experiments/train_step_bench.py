@@ -1,0 +1,224 @@
+"""Training steps on a random-weight base of a real model's shape (`random:llama2-7b`), as sft.py
+runs them: NF4 base, gradient checkpointing, autocast in the compute dtype, the loss from TRL's
+fused LM head (no full logits over the sequence), paged 8-bit AdamW on a GPU. Per variant:
+tokens/s and peak allocated and reserved GPU memory; and the longest batch-1 sequence that
+trains under each memory cap. Used by `scripts/bench.py --device cuda`; runs on a CPU too
+(no memory figures there), which is how it is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import bitsandbytes as bnb
+import torch
+from peft import LoraConfig, get_peft_model
+from peft import VeraConfig as PeftVeraConfig
+from trl.trainer.utils import add_fused_lm_head
+
+from qvera.core.attach import attach_vera
+from qvera.core.base import load_base
+from qvera.core.config import ModelConfig, VeraConfig
+
+VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:512", "qvera:1024"]
+CONTEXT_VARIANTS = ["qvera:512", "peft-lora:16"]
+GB = 2**30
+
+
+def build(shape: str, variant: str, compute_dtype: str, device: str):
+    """The random base with one variant attached, in training mode with gradient checkpointing."""
+    method, _, rank = variant.partition(":")
+    rank = int(rank or 0)
+    config = ModelConfig(name=f"random:{shape}", quantization="nf4", compute_dtype=compute_dtype)
+    model, _ = load_base(config, device_map="cpu" if device == "cpu" else None)
+    add_fused_lm_head(model)  # before peft wraps it, as TRL does
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "floor":
+        model.enable_input_require_grads()  # backward to the inputs: the frozen base's own cost
+    elif method in ("peft-lora", "peft-vera"):
+        peft_config = (
+            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+            if method == "peft-lora"
+            else PeftVeraConfig(r=rank, target_modules="all-linear", save_projection=False)
+        )
+        model = get_peft_model(model, peft_config)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # as the trainer keeps them
+    elif method == "qvera":
+        attach_vera(model, VeraConfig(rank=rank))
+    else:
+        raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
+    model.train()
+    return model, method, rank
+
+
+class Stepper:
+    """One optimizer step on batch x seq random tokens, the way sft.py takes it."""
+
+    def __init__(self, model, method: str, device: str):
+        self.model, self.device = model, torch.device(device)
+        self.params = [p for p in model.parameters() if p.requires_grad] if method != "floor" else []
+        optimizer = bnb.optim.PagedAdamW8bit if self.device.type == "cuda" else torch.optim.AdamW
+        self.optimizer = optimizer(self.params, lr=1e-4) if self.params else None
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
+
+    def __call__(self, batch: int, seq: int) -> None:
+        ids = torch.randint(0, self.model.config.vocab_size, (batch, seq), device=self.device, generator=self.generator)
+        autocast = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+            loss = self.model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.synchronize()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def release(*objects) -> None:
+    del objects
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(shape: str, variant: str, batch: int, seq: int, repeats: int, compute_dtype: str, device: str) -> dict:
+    """tokens/s (median of `repeats` steps after one warm-up) and peak memory, with the optimizer's state."""
+    model, method, rank = build(shape, variant, compute_dtype, device)
+    step = Stepper(model, method, device)
+    cuda = step.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step(batch, seq)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(batch, seq)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    row = dict(
+        variant=method,
+        rank=rank,
+        batch=batch,
+        seq=seq,
+        step_s=round(step_s, 4),
+        tokens_per_s=round(batch * seq / step_s, 1),
+        peak_allocated_gb=round(torch.cuda.max_memory_allocated() / GB, 3) if cuda else None,
+        peak_reserved_gb=round(torch.cuda.max_memory_reserved() / GB, 3) if cuda else None,
+        trainable=sum(p.numel() for p in step.params),
+    )
+    release(model, step)
+    return row
+
+
+def fits(step: Stepper, seq: int) -> bool:
+    """Whether one step at `seq` tokens trains; after an out-of-memory error, frees what it left."""
+    try:
+        step(1, seq)
+    except torch.OutOfMemoryError:
+        pass  # freed below, once the exception (and the frames holding activations) is gone
+    else:
+        return True
+    for param in step.params:
+        param.grad = None
+    release()
+    return False
+
+
+def stride(seq: int, granularity: int) -> int:
+    return max(granularity, seq // 20 // granularity * granularity)
+
+
+def max_context(shape: str, variant: str, caps_gb: list[float], compute_dtype: str, granularity: int = 256) -> dict:
+    """For each cap, the longest batch-1 sequence (a multiple of `granularity`) that trains with
+    the process's GPU memory limited to the cap. Peak reserved memory grows about linearly with
+    the length; two uncapped steps place the first guess, capped steps then confirm it."""
+    model, method, rank = build(shape, variant, compute_dtype, "cuda")
+    step = Stepper(model, method, "cuda")
+    total = torch.cuda.get_device_properties(step.device).total_memory
+    peaks = {}
+    for seq in (1024, 2048):
+        release()
+        torch.cuda.reset_peak_memory_stats()
+        step(1, seq)
+        peaks[seq] = torch.cuda.max_memory_reserved()
+    per_token = max((peaks[2048] - peaks[1024]) / 1024, 1.0)
+    fixed = peaks[1024] - 1024 * per_token
+    result = {}
+    for cap in caps_gb:
+        release()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GB / total))
+        seq = max(granularity, int((cap * GB - fixed) / per_token) // granularity * granularity)
+        best = None
+        try:
+            if fits(step, seq):  # the guess fits: climb in about 5% steps until one fails
+                best = seq
+                while fits(step, seq + stride(seq, granularity)):
+                    seq += stride(seq, granularity)
+                    best = seq
+            else:  # step down until one fits
+                while best is None and seq > granularity:
+                    seq -= stride(seq, granularity)
+                    best = seq if fits(step, seq) else None
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        result[str(cap)] = best
+    release(model, step)
+    return dict(variant=method, rank=rank, max_tokens_by_cap_gb=result)
+
+
+def ratios(rows: list[dict]) -> dict:
+    """The issue's targets, read off the rows (None where a row is missing)."""
+    by_name = {f"{r['variant']}:{r['rank']}" if r["rank"] else r["variant"]: r for r in rows}
+
+    def ratio(a: str, b: str):
+        return round(by_name[a]["tokens_per_s"] / by_name[b]["tokens_per_s"], 3) if {a, b} <= set(by_name) else None
+
+    qvera = by_name.get("qvera:512")
+    return {
+        "qvera512_over_lora64": ratio("qvera:512", "peft-lora:64"),
+        "qvera512_over_peft_vera512": ratio("qvera:512", "peft-vera:512"),
+        "qvera512_over_floor": ratio("qvera:512", "floor"),
+        "qvera512_peak_allocated_gb": qvera["peak_allocated_gb"] if qvera else None,
+        "qvera512_peak_reserved_gb": qvera["peak_reserved_gb"] if qvera else None,
+    }
+
+
+def markdown(rows: list[dict], contexts: list[dict], summary: dict) -> str:
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    lines = [
+        "| variant | rank | batch x seq | s/step | tokens/s | peak allocated GB | peak reserved GB | trainable |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['rank'] or '-'} | {r['batch']} x {r['seq']} | {r['step_s']:.3f} "
+            f"| {r['tokens_per_s']:.0f} | {fmt(r['peak_allocated_gb'])} | {fmt(r['peak_reserved_gb'])} "
+            f"| {r['trainable']:,} |"
+        )
+    lines += ["", "| ratio | value | target |", "|---|---:|---|"]
+    targets = {
+        "qvera512_over_lora64": ">= 1.0",
+        "qvera512_over_peft_vera512": ">= 1.3",
+        "qvera512_peak_allocated_gb": "< 6 at 2,048 tokens",
+    }
+    for name, value in summary.items():
+        lines.append(f"| {name} | {fmt(value)} | {targets.get(name, '')} |")
+    if contexts:
+        caps = list(contexts[0]["max_tokens_by_cap_gb"])
+        lines += ["", "| variant | rank | " + " | ".join(f"max tokens @ {c} GB" for c in caps) + " |"]
+        lines.append("|---|---:|" + "---:|" * len(caps))
+        for c in contexts:
+            cells = " | ".join("-" if v is None else f"{v:,}" for v in c["max_tokens_by_cap_gb"].values())
+            lines.append(f"| {c['variant']} | {c['rank']} | {cells} |")
+        lines.append("")
+        lines.append("Target: qvera r=512 trains at least 4,096 tokens under the 8 GB cap.")
+    return "\n".join(lines)

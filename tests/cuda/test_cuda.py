@@ -1,0 +1,197 @@
+"""The CUDA path, on one GPU: exactness against peft, folded == unfolded, gradients through 4-bit
+layers, bf16 and fp16 training whose loss falls, mixed batches. Run by scripts/gpu_check.sh
+(`pytest -m cuda`); skipped, with the reason shown, where PyTorch sees no CUDA GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import RANK, logits, randomize_vectors, tiny_llama_config
+from peft import PeftModel, get_peft_model
+from peft import VeraConfig as PeftVeraConfig
+from transformers import LlamaForCausalLM
+
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.adapters.peft_interop import export_peft
+from qvera.core.attach import vera_layers
+from qvera.core.bnb import is_4bit
+from qvera.core.hardware import detect
+from qvera.core.random_base import byte_tokenizer
+from qvera.training.data import FALLBACK_CHAT_TEMPLATE
+from qvera.training.trainer import train
+from tests.serving.test_generation import ROW_ADAPTERS, assert_rows_match_alone, model_with_bank
+from tests.training.test_trainer import tiny_recipe
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: PyTorch sees none (run gpu_check.sh)"),
+]
+
+
+VOCAB = 320  # the byte tokenizer's 259 tokens, rounded up
+
+
+def save_tiny(folder, dtype) -> str:
+    """A tiny random Llama with the byte tokenizer: needs no wheel beyond the pinned packages."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, tie_word_embeddings=False)).to(dtype).save_pretrained(folder)
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def true_fp32():
+    """Exactness is checked in true fp32: TF32 matmuls would round to 10 bits."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def cuda_base(folder, quantization="nf4", compute_dtype="bfloat16"):
+    model, tokenizer = load_base(ModelConfig(name=str(folder), quantization=quantization, compute_dtype=compute_dtype))
+    assert next(model.parameters()).device.type == "cuda"
+    return model, tokenizer
+
+
+def on_cuda(batch):
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+def tiny_logits(model, tokenizer):
+    batch = tokenizer(["The quick brown fox", "VeRA adapters are"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**on_cuda(batch)).logits.float()
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("cuda-fp32"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("cuda-bf16"), torch.bfloat16)
+
+
+def test_fp32_logits_equal_peft_on_cuda(fp32_dir, tmp_path):
+    model, tokenizer = cuda_base(fp32_dir, "fp32", "float32")
+    attach_vera(model, VeraConfig(rank=RANK))
+    randomize_vectors(model, 1)
+    folder = export_peft(model, tmp_path / "peft")
+    peft_base, _ = cuda_base(fp32_dir, "fp32", "float32")
+    theirs = PeftModel.from_pretrained(peft_base, str(folder))
+    assert (tiny_logits(model, tokenizer) - tiny_logits(theirs, tokenizer)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_nf4_logits_and_gradients_match_peft_within_bf16(bf16_dir, fold):
+    peft_base, _ = cuda_base(bf16_dir)
+    peft_model = get_peft_model(
+        peft_base, PeftVeraConfig(r=96, target_modules="all-linear", projection_prng_key=5, save_projection=False)
+    )
+    model, _ = cuda_base(bf16_dir)
+    attach_vera(model, VeraConfig(rank=96, projection_seed=5, fold=fold))
+    assert is_4bit(vera_layers(model)["model.layers.0.mlp.up_proj"].base_layer)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, layer in vera_layers(model).items():
+            peft_layer = peft_model.base_model.model.get_submodule(name)
+            layer.lambda_d.copy_(torch.randn(layer.lambda_d.shape, generator=generator))
+            layer.lambda_b.copy_(torch.randn(layer.lambda_b.shape, generator=generator) * 0.5)
+            peft_layer.vera_lambda_d["default"].copy_(layer.lambda_d)
+            peft_layer.vera_lambda_b["default"].copy_(layer.lambda_b)
+    model.train()
+    peft_model.train()
+    ids = torch.randint(0, VOCAB, (4, 128), device="cuda")  # 512 tokens: the folded path is chosen
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours, theirs = model(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    assert relative_error(ours, theirs) < 2e-2
+    ours.float().square().mean().backward()
+    theirs.float().square().mean().backward()
+    for name, layer in vera_layers(model).items():
+        peft_layer = peft_model.base_model.model.get_submodule(name)
+        assert layer.lambda_d.grad.dtype == torch.float32 and layer.lambda_d.grad.abs().sum() > 0
+        assert relative_error(layer.lambda_d.grad, peft_layer.vera_lambda_d["default"].grad) < 3e-2
+        assert relative_error(layer.lambda_b.grad, peft_layer.vera_lambda_b["default"].grad) < 3e-2
+
+
+def test_folded_equals_unfolded_on_cuda(fp32_dir):
+    model, _ = cuda_base(fp32_dir, "nf4", "float32")
+    attach_vera(model, VeraConfig(rank=64))
+    randomize_vectors(model, 2)
+    ids = torch.randint(0, VOCAB, (4, 128), device="cuda")
+    results = {}
+    for fold in (False, True):
+        for layer in vera_layers(model).values():
+            layer.fold = fold
+            layer.lambda_d.grad = layer.lambda_b.grad = None
+        out = model(input_ids=ids).logits
+        out.square().mean().backward()
+        grads = [layer.lambda_d.grad.clone() for layer in vera_layers(model).values()]
+        results[fold] = out.detach(), grads
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-3, atol=1e-4)
+    for folded, unfolded in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(folded, unfolded, rtol=1e-3, atol=1e-6)
+
+
+def test_gradients_flow_through_4bit_layers_with_checkpointing(bf16_dir):
+    model, _ = cuda_base(bf16_dir)
+    attach_vera(model, VeraConfig(rank=32))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    layers = vera_layers(model)
+    assert len(layers) == 14 and all(is_4bit(layer.base_layer) for layer in layers.values())
+    # b starts at 0, so d's first gradient is 0 everywhere; b's must not be.
+    assert all(layer.lambda_b.grad is not None and layer.lambda_b.grad.abs().sum() > 0 for layer in layers.values())
+
+
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
+def test_training_loss_falls_with_paged_8bit_adamw(bf16_dir, tmp_path, compute_dtype):
+    """sft's path on the GPU: paged 8-bit AdamW, gradient checkpointing, checkpoint and resume;
+    fp16 runs with loss scaling and fp32 vectors."""
+    if compute_dtype == "bfloat16" and not detect("cuda").cuda_bf16:
+        pytest.skip("this GPU has no bf16")
+    recipe = tiny_recipe(bf16_dir, tmp_path, max_steps=12, save_steps=6, eval_steps=0, gradient_checkpointing=True)
+    recipe.model.compute_dtype = compute_dtype
+    result, trainer = train(recipe, log=lambda *a: None)
+    args = trainer.args
+    assert args.optim == "paged_adamw_8bit" and (args.fp16, args.bf16) == (
+        compute_dtype == "float16",
+        compute_dtype == "bfloat16",
+    )
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert len(losses) == 12 and all(map(math.isfinite, losses))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    recipe.train.max_steps, recipe.train.resume = 14, True
+    resumed, _ = train(recipe, log=lambda *a: None)
+    assert resumed.steps == 14
+
+
+def test_mixed_batch_rows_equal_single_runs_on_cuda(bf16_dir):
+    model, tokenizer, bank = model_with_bank(bf16_dir, "nf4")
+    assert next(model.parameters()).device.type == "cuda" and len(ROW_ADAPTERS) == 4
+    assert_rows_match_alone(model, tokenizer, bank, atol=2e-2, rtol=1e-2, steps=2)
+
+
+def test_chat_logits_on_cuda_match_cpu(fp32_dir):
+    """The same base and adapter give the same logits on the GPU as on the CPU (fp32)."""
+    cpu_model, tokenizer = load_base(ModelConfig(name=fp32_dir, quantization="fp32"), device_map="cpu")
+    attach_vera(cpu_model, VeraConfig(rank=RANK))
+    randomize_vectors(cpu_model, 3)
+    gpu_model, _ = cuda_base(fp32_dir, "fp32", "float32")
+    attach_vera(gpu_model, VeraConfig(rank=RANK))
+    randomize_vectors(gpu_model, 3)
+    assert (tiny_logits(gpu_model, tokenizer).cpu() - logits(cpu_model, tokenizer)).abs().max().item() <= 1e-4
