@@ -45,11 +45,12 @@ def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> 
     projections.to(device)
     for param in model.parameters():
         param.requires_grad_(False)
+    disable_cpu_repacking(model)  # before wrapping: a magnitude layer reads its dequantized weight
     for name, layer in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, VeraLinear(layer, projections, config.d_initial, fold=config.fold))
-    disable_cpu_repacking(model)
+        vera = VeraLinear(layer, projections, config.d_initial, fold=config.fold, magnitude=config.magnitude)
+        setattr(parent, child, vera)
     model.add_module(PROJECTIONS_ATTR, projections)
     model.vera_config = config
     if verbose:
