@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from qvera.adapters.peft_interop import NO_PEFT_DVORA
 from qvera.core.config import ModelConfig, VeraConfig, from_dict, load_yaml, option
 
 DEMO_DATA = "demo"  # the data set qvera writes itself (qvera.demo); see DataConfig.path
@@ -111,6 +112,8 @@ def check_recipe(recipe: SFTRecipe) -> None:
         raise ValueError("train.learning_rate, train.batch_size and train.grad_accum must be positive")
     if train.max_steps <= 0 and train.epochs <= 0:
         raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+    if train.export_peft and recipe.vera.magnitude:
+        raise ValueError("train.export_peft: " + NO_PEFT_DVORA)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

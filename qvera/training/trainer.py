@@ -78,7 +78,8 @@ class VeraSFTTrainer(SFTTrainer):
         if state_dict is None:
             vectors = vector_state(self.accelerator.unwrap_model(self.model))
         else:  # FSDP / DeepSpeed gathered a full state dict for us
-            vectors = {k: v.float().cpu() for k, v in state_dict.items() if k.endswith((".lambda_d", ".lambda_b"))}
+            suffixes = (".lambda_d", ".lambda_b", ".lambda_m")
+            vectors = {k: v.float().cpu() for k, v in state_dict.items() if k.endswith(suffixes)}
         safetensors.torch.save_file(
             {k: v.contiguous() for k, v in vectors.items()}, os.path.join(output_dir, CHECKPOINT_VECTORS)
         )

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import adapted, logits
 from torch import nn
 
 from qvera.core.attach import vera_layers
 from qvera.core.bnb import dequantized_weight
 from qvera.core.vera import SharedProjections, VeraLinear, row_norms
-from tests.conftest import adapted, logits
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
