@@ -6,7 +6,8 @@ of a 7B model at rank 512 is a few MB. Folder layout:
 
     qvera_adapter.json   format version, rank, seed, d_initial, targets and their shapes,
                          base model, projections' dtype and fingerprint, vectors' checksum
-    vectors.safetensors  `<layer>.lambda_d` and `<layer>.lambda_b`, fp32 (or bf16)
+    vectors.safetensors  `<layer>.lambda_d` and `<layer>.lambda_b`, fp32 (or bf16), and
+                         `<layer>.lambda_m` for DVoRA (magnitude) adapters
     README.md            a short model card
 """
 
@@ -28,12 +29,13 @@ from qvera.adapters.fit import (
     projections_fingerprint,
     target_shapes,
 )
-from qvera.core.attach import shared_projections, vector_state, vera_layers
+from qvera.core.attach import layer_vectors, shared_projections, vector_state, vera_layers
 from qvera.core.config import VeraConfig
 from qvera.version import __version__
 
 FORMAT = "qvera-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this qvera reads
+PLAIN_FORMAT_VERSION = 1  # what plain VeRA adapters are written as, so older qvera still reads them
 CONFIG_FILE = "qvera_adapter.json"
 VECTORS_FILE = "vectors.safetensors"
 CARD_FILE = "README.md"
@@ -58,7 +60,13 @@ class Adapter:
             projection_seed=self.config["seed"],
             d_initial=self.config["d_initial"],
             target_modules=sorted(self.config["targets"]),
+            magnitude=self.config.get("magnitude", False),
         )
+
+
+def format_version(vectors: dict[str, torch.Tensor]) -> int:
+    """2 for DVoRA adapters (qvera before 2 has no magnitude, so it must refuse them), else 1."""
+    return FORMAT_VERSION if any(key.endswith(".lambda_m") for key in vectors) else PLAIN_FORMAT_VERSION
 
 
 def adapter_from_model(model: nn.Module) -> Adapter:
@@ -70,11 +78,12 @@ def adapter_from_model(model: nn.Module) -> Adapter:
     vera = model.vera_config
     config = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(vectors),
         "qvera_version": __version__,
         "rank": projections.rank,
         "seed": projections.seed,
         "d_initial": vera.d_initial,
+        "magnitude": vera.magnitude,
         "target_modules": vera.target_modules,
         "targets": target_shapes(model),
         "base_model": describe_base(model),
@@ -100,7 +109,8 @@ def write_adapter(adapter: Adapter, folder: str | Path, *, dtype: torch.dtype = 
         raise ValueError(f"adapter vectors are saved as float32 or bfloat16, not {dtype}")
     folder = Path(folder)
     data = serialize_vectors(adapter.vectors, dtype)
-    config = {**adapter.config, "format": FORMAT, "format_version": FORMAT_VERSION, "qvera_version": __version__}
+    version = format_version(adapter.vectors)
+    config = {**adapter.config, "format": FORMAT, "format_version": version, "qvera_version": __version__}
     config["vectors"] = {
         "file": VECTORS_FILE,
         "dtype": names[dtype],
@@ -196,6 +206,8 @@ def _read_vectors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
     for name, (out_features, _) in config["targets"].items():
         expected[f"{name}.lambda_d"] = (config["rank"],)
         expected[f"{name}.lambda_b"] = (out_features,)
+        if config.get("magnitude"):
+            expected[f"{name}.lambda_m"] = (out_features,)
     found = {k: tuple(v.shape) for k, v in vectors.items()}
     if found != expected:
         raise ValueError(f"{path} does not match the targets listed in {CONFIG_FILE}; export the adapter again")
@@ -207,8 +219,8 @@ def adapter_size(model: nn.Module) -> dict[str, int]:
     with VeRA attached (a meta-device model will do: only shapes are read)."""
     vectors = {}
     for name, layer in vera_layers(model).items():
-        vectors[f"{name}.lambda_d"] = torch.zeros(layer.lambda_d.shape)
-        vectors[f"{name}.lambda_b"] = torch.zeros(layer.lambda_b.shape)
+        for which, param in layer_vectors(layer).items():
+            vectors[f"{name}.{which}"] = torch.zeros(param.shape)
     return {
         "parameters": sum(v.numel() for v in vectors.values()),
         "float32_bytes": len(serialize_vectors(vectors, torch.float32)),

@@ -1,4 +1,5 @@
-"""Merging an adapter into the weights: W = W0 + Λb B Λd A.
+"""Merging an adapter into the weights: W = W0 + Λb B Λd A, and for DVoRA
+W = (m / ||W0 + ΔW||) ⊙ (W0 + ΔW) row by row (the bias stays as it is).
 
 `merge_to_folder` writes a plain bf16 transformers folder (4-bit layers dequantized first)
 that loads with neither qvera nor peft, and leaves the model in memory untouched.
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from qvera.adapters.atomic import atomic_folder
 from qvera.core.attach import vector_state, vera_layers
 from qvera.core.bnb import dequantized_weight, is_4bit
-from qvera.core.vera import VeraLinear, delta_weight
+from qvera.core.vera import VeraLinear, delta_weight, magnitude_scale, row_norms
 
 MERGED_DTYPE = torch.bfloat16
 
@@ -29,6 +30,16 @@ def layer_delta(layer: VeraLinear, lambda_d: torch.Tensor, lambda_b: torch.Tenso
     A = projections.A[:, : layer.in_features].float()
     B = projections.B[: layer.out_features].float()
     return delta_weight(lambda_d.float().to(A.device), lambda_b.float().to(A.device), A, B)
+
+
+def adapted_weight(layer: VeraLinear, lambda_d, lambda_b, lambda_m=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight the layer computes with, in fp32, and for DVoRA the row scale m / ||W0 + ΔW||
+    it already carries (unmerge divides it out again)."""
+    weight = plain_weight(layer.base_layer) + layer_delta(layer, lambda_d, lambda_b)
+    if lambda_m is None:
+        return weight, None
+    scale = magnitude_scale(lambda_m.to(weight.device), weight)
+    return weight * scale[:, None], scale
 
 
 def plain_weight(layer: nn.Module) -> torch.Tensor:
@@ -47,7 +58,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if any(name.startswith(prefix) for prefix in replaced):
             continue  # the base layer inside a VeraLinear, already done
         if isinstance(module, VeraLinear):
-            weight = plain_weight(module.base_layer) + layer_delta(module, module.lambda_d, module.lambda_b)
+            weight, _ = adapted_weight(module, module.lambda_d, module.lambda_b, module.lambda_m)
             bias = module.base_layer.bias
         elif isinstance(module, nn.Linear) and (is_4bit(module) or isinstance(module, bnb.nn.Linear8bitLt)):
             weight, bias = plain_weight(module), module.bias
@@ -99,17 +110,22 @@ def _full_precision_layers(model: nn.Module) -> dict[str, VeraLinear]:
 
 
 def merge(model: nn.Module) -> None:
-    """Add ΔW into each base weight and zero b, so the model computes the same function with
-    the adapter in its weights; `unmerge` restores both. Switch adapters only when unmerged."""
+    """Add ΔW into each base weight (DVoRA: and scale its rows) and zero b, so the model computes
+    the same function with the adapter in its weights; `unmerge` restores both. Switch adapters
+    only when unmerged. DVoRA's m becomes the merged rows' norms, so that m / ||W|| is exactly 1."""
     layers = _full_precision_layers(model)
     if getattr(model, "qvera_merged", None) is not None:
         raise ValueError("the adapter is already merged; call qvera.merge.unmerge(model) first")
     vectors = vector_state(model)
     with torch.no_grad():
-        for layer in layers.values():
+        for name, layer in layers.items():
             weight = layer.base_layer.weight
-            weight.add_(layer_delta(layer, layer.lambda_d, layer.lambda_b).to(weight.device, weight.dtype))
+            merged, scale = adapted_weight(layer, layer.lambda_d, layer.lambda_b, layer.lambda_m)
+            weight.copy_(merged)
             layer.lambda_b.zero_()
+            if scale is not None:
+                layer.lambda_m.copy_(row_norms(plain_weight(layer.base_layer)))
+                vectors[f"{name}.merge_scale"] = scale
     model.qvera_merged = vectors
 
 
@@ -124,6 +140,10 @@ def unmerge(model: nn.Module) -> None:
         for name, layer in layers.items():
             lambda_d, lambda_b = vectors[f"{name}.lambda_d"], vectors[f"{name}.lambda_b"]
             weight = layer.base_layer.weight
+            if f"{name}.merge_scale" in vectors:
+                weight.div_(vectors[f"{name}.merge_scale"].to(weight.device, weight.dtype)[:, None])
             weight.sub_(layer_delta(layer, lambda_d, lambda_b).to(weight.device, weight.dtype))
             layer.lambda_b.copy_(lambda_b)
+            if layer.lambda_m is not None:
+                layer.lambda_m.copy_(vectors[f"{name}.lambda_m"])
     model.qvera_merged = None

@@ -34,6 +34,7 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_FILES = {PEFT_CONFIG, PEFT_WEIGHTS, "README.md"}
 PREFIX = "base_model.model."
+NO_PEFT_DVORA = "peft has no VeRA with a magnitude vector (DVoRA); export to qvera's format or merge instead"
 VECTOR_SUFFIXES = {".vera_lambda_d": ".lambda_d", ".vera_lambda_b": ".lambda_b"}
 
 
@@ -46,6 +47,8 @@ def export_peft(source: nn.Module | Adapter, folder: str | Path, *, save_project
     """
     adapter = source if isinstance(source, Adapter) else adapter_from_model(source)
     config = adapter.config
+    if config.get("magnitude"):
+        raise ValueError(NO_PEFT_DVORA)
     tensors = {}
     for key, value in adapter.vectors.items():
         layer, _, which = key.rpartition(".")

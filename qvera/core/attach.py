@@ -45,11 +45,12 @@ def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> 
     projections.to(device)
     for param in model.parameters():
         param.requires_grad_(False)
+    disable_cpu_repacking(model)  # before wrapping: a magnitude layer reads its dequantized weight
     for name, layer in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, VeraLinear(layer, projections, config.d_initial, fold=config.fold))
-    disable_cpu_repacking(model)
+        vera = VeraLinear(layer, projections, config.d_initial, fold=config.fold, magnitude=config.magnitude)
+        setattr(parent, child, vera)
     model.add_module(PROJECTIONS_ATTR, projections)
     model.vera_config = config
     if verbose:
@@ -73,22 +74,37 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
+def layer_vectors(layer: VeraLinear) -> dict[str, nn.Parameter]:
+    """A layer's trained vectors by suffix: lambda_d, lambda_b, and lambda_m for DVoRA."""
+    vectors = {"lambda_d": layer.lambda_d, "lambda_b": layer.lambda_b}
+    if layer.lambda_m is not None:
+        vectors["lambda_m"] = layer.lambda_m
+    return vectors
+
+
 def vector_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter: `<layer>.lambda_d` and `<layer>.lambda_b` for every VeRA layer, fp32 copies."""
-    state = {}
-    for name, layer in vera_layers(model).items():
-        state[f"{name}.lambda_d"] = layer.lambda_d.detach().float().cpu().clone()
-        state[f"{name}.lambda_b"] = layer.lambda_b.detach().float().cpu().clone()
-    return state
+    """The adapter: `<layer>.lambda_d`, `<layer>.lambda_b` (and `<layer>.lambda_m` with
+    magnitude=True) for every VeRA layer, fp32 copies."""
+    return {
+        f"{name}.{which}": param.detach().float().cpu().clone()
+        for name, layer in vera_layers(model).items()
+        for which, param in layer_vectors(layer).items()
+    }
 
 
 def check_vector_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
     """Raise one line naming the first vector that `state` lacks, adds or shapes otherwise than the model."""
     expected = {
-        f"{name}.lambda_{which}": tuple(getattr(layer, f"lambda_{which}").shape)
+        f"{name}.{which}": tuple(param.shape)
         for name, layer in vera_layers(model).items()
-        for which in "db"
+        for which, param in layer_vectors(layer).items()
     }
+    has_magnitude = any(key.endswith(".lambda_m") for key in expected)
+    if not has_magnitude and any(key.endswith(".lambda_m") for key in state):
+        raise ValueError(
+            f"{source} is a DVoRA adapter (magnitude vectors) and this model has plain VeRA attached; "
+            "attach with VeraConfig(magnitude=True)"
+        )
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
@@ -105,6 +121,5 @@ def load_vector_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     check_vector_state(model, state)
     with torch.no_grad():
         for name, layer in vera_layers(model).items():
-            for which in "db":
-                param = getattr(layer, f"lambda_{which}")
-                param.data = state[f"{name}.lambda_{which}"].to(device=param.device, dtype=torch.float32).clone()
+            for which, param in layer_vectors(layer).items():
+                param.data = state[f"{name}.{which}"].to(device=param.device, dtype=torch.float32).clone()

@@ -31,6 +31,7 @@ class VeraConfig:
     d_initial: float = option(0.1, "initial value of every entry of d (b starts at 0)")
     target_modules: str | list[str] = option(ALL_LINEAR, "all-linear, or layer names (space- or comma-separated)")
     fold: bool = option(True, "fold the update into the dequantized weight when that is cheaper (see vera.py)")
+    magnitude: bool = option(False, "DVoRA: a trainable magnitude per output row on top of VeRA (DoRA's m)")
 
     def __post_init__(self):
         # Flags give a list, YAML a string or a list; "q_proj,v_proj" is a list of two.

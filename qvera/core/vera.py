@@ -13,6 +13,17 @@ Everything else in qvera calls this module. Three choices keep high rank cheap:
   weight, so the layer is one matmul whose cost no longer grows with r·tokens, and only
   `A x` (r values a token) is saved: the gradients of d and b both follow from M = gᵀ(A x);
 - below that, the unfolded path saves `A x` and B(d·A x) and needs one matmul in the backward.
+
+DVoRA (`magnitude=True`: VeRA's update inside DoRA, Liu et al., ICML 2024, eq. 5) adds a
+trainable magnitude m (out) per layer, initialised to the row norms of W0 so that it starts
+as the base:
+
+    h = m ⊙ (W0 + ΔW) x / ||W0 + ΔW|| + bias,    ||·|| per output row, detached
+
+The norm gets no gradient (DoRA section 4.3), and the bias is left unscaled, as peft's DoRA
+does. The folded path has W0 + ΔW at hand, so its norm costs one pass over the weight; the
+unfolded path forms W0 + ΔW in fp32 once per new (d, b) for it (kept until d or b change),
+which is also why a magnitude layer folds from half as many tokens.
 """
 
 from __future__ import annotations
@@ -157,33 +168,58 @@ def folded_weight(base_weight, lambda_d, lambda_b, A, B) -> torch.Tensor:
     return torch.addmm(base_weight, *_scaled_factors(lambda_d, lambda_b, A, B))
 
 
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||W_j||₂ over the input dim, accumulated in fp32 (DoRA's column norm of Wᵀ)."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32)
+
+
+def magnitude_scale(lambda_m: torch.Tensor, adapted_weight: torch.Tensor) -> torch.Tensor:
+    """m / ||W0 + ΔW|| per output row, fp32: DVoRA's only change to VeRA's output."""
+    return lambda_m.float() / row_norms(adapted_weight)
+
+
 class FoldedVeraLinear(torch.autograd.Function):
     """(W0 + ΔW) x as one matmul. Saves `A x` for the vector gradients; W0 + ΔW is rebuilt in
-    the backward rather than kept, since it is as large as the layer's weight."""
+    the backward rather than kept, since it is as large as the layer's weight. With `norms`,
+    also returns ||W0 + ΔW|| per row (fp32, no gradient: DVoRA detaches it)."""
 
     @staticmethod
-    def forward(ctx, x, ax, lambda_d, lambda_b, base_weight, bias, A, B):
+    def forward(ctx, x, ax, lambda_d, lambda_b, base_weight, bias, A, B, norms=False):
         ctx.base_weight, ctx.A, ctx.B = base_weight, A, B
         ctx.save_for_backward(ax, lambda_d, lambda_b)
         weight = folded_weight(base_weight(), lambda_d, lambda_b, A, B)
-        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        out = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        if not norms:
+            return out
+        norm = row_norms(weight)
+        ctx.mark_non_differentiable(norm)
+        return out, norm
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_norm=None):
         ax, lambda_d, lambda_b = ctx.saved_tensors
         grad_x = grad_out @ folded_weight(ctx.base_weight(), lambda_d, lambda_b, ctx.A, ctx.B)
         grad_d, grad_b = _vector_grads(grad_out, ax, lambda_d, lambda_b, ctx.B)
-        return grad_x, None, grad_d, grad_b, None, None, None, None
+        return grad_x, None, grad_d, grad_b, None, None, None, None, None
 
 
 class VeraLinear(nn.Module):
-    """A frozen linear layer (nn.Linear, bitsandbytes 4-bit or 8-bit) plus VeRA's two vectors.
+    """A frozen linear layer (nn.Linear, bitsandbytes 4-bit or 8-bit) plus VeRA's two vectors,
+    and DVoRA's magnitude m when `magnitude` is set.
 
-    `row_vectors`, when set by the serving code, holds per-row (d, b) for a mixed batch:
+    `row_vectors`, when set by the serving code, holds per-row (d, b) for a mixed batch, and
+    for a magnitude layer per-row output scales m / ||W0 + ΔW|| (precomputed per adapter):
     `A x` and the product by B stay one matmul for the whole batch.
     """
 
-    def __init__(self, base_layer: nn.Linear, projections: SharedProjections, d_initial: float, fold: bool = True):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        projections: SharedProjections,
+        d_initial: float,
+        fold: bool = True,
+        magnitude: bool = False,
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -191,18 +227,53 @@ class VeraLinear(nn.Module):
         device = base_layer.weight.device
         self.lambda_d = nn.Parameter(torch.full((projections.rank,), float(d_initial), device=device))
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
+        if magnitude and is_8bit(base_layer):
+            raise ValueError("DVoRA (magnitude=True) needs an nf4, bf16 or fp32 base; int8 weights are not dequantized")
+        # m starts at ||W0|| (b = 0), so the adapted layer starts as the base layer.
+        self.lambda_m = (
+            nn.Parameter(row_norms(dequantized_weight(base_layer, torch.float32)).to(device)) if magnitude else None
+        )
         self.fold = fold
-        self.row_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.row_vectors: tuple[torch.Tensor, ...] | None = None
+        self._norm_cache: tuple[torch.Tensor, ...] | None = None
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.projections[0].rank}"
+        magnitude = ", magnitude" if self.lambda_m is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, rank={self.projections[0].rank}{magnitude}"
 
     def _should_fold(self, tokens: int) -> bool:
         """Per r: folding costs 2·out·in (ΔW built in forward and backward) + tokens·(out + in)
         (`A x` and gᵀ(A x)); the unfolded path tokens·2·(out + in). Fold past the crossover."""
         if not (self.fold and torch.is_grad_enabled()) or is_8bit(self.base_layer):
             return False  # without gradients the unfolded path is cheaper at decode sizes
-        return 2 * self.out_features * self.in_features < tokens * (self.out_features + self.in_features)
+        # A magnitude layer forms W0 + ΔW for its norm on either path, so folding saves one of two.
+        folding_extra = self.out_features * self.in_features * (1 if self.lambda_m is not None else 2)
+        return folding_extra < tokens * (self.out_features + self.in_features)
+
+    def adapted_norms(self, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
+        """||W0 + ΔW|| per row with W0 + ΔW formed in fp32 (the unfolded path's norm): out·in·r
+        multiply-adds, so it is kept until d, b or W0 change (gradient checkpointing's second
+        forward, every decoding step)."""
+        weight = self.base_layer.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._norm_cache is not None:
+            cached_key, cached_d, cached_b, norms = self._norm_cache
+            if cached_key == key and torch.equal(cached_d, lambda_d) and torch.equal(cached_b, lambda_b):
+                return norms
+        with torch.no_grad():
+            A, B = self.projections[0].sliced(self.in_features, self.out_features, torch.float32)
+            base = dequantized_weight(self.base_layer, torch.float32)
+            norms = row_norms(folded_weight(base, lambda_d.float(), lambda_b.float(), A, B))
+            self._norm_cache = (key, lambda_d.detach().clone(), lambda_b.detach().clone(), norms)
+        return norms
+
+    def _rescaled(self, out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """scale ⊙ (out - bias) + bias: DoRA scales W x, never the bias (as peft does)."""
+        bias = self.base_layer.bias
+        if bias is None:
+            return out * scale.to(out.dtype)
+        bias = bias.to(out.dtype)
+        return (out - bias) * scale.to(out.dtype) + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projections = self.projections[0]
@@ -210,6 +281,7 @@ class VeraLinear(nn.Module):
         A, B = projections.sliced(self.in_features, self.out_features, dtype)
         # The vectors are fp32 whatever a trainer did to them; the math below casts copies.
         lambda_d, lambda_b = self.lambda_d.float(), self.lambda_b.float()
+        magnitude = self.lambda_m is not None and self.row_vectors is None
         if self.row_vectors is None and self._should_fold(x.numel() // x.shape[-1]):
             with autocast_off(x):
                 x_c = x.to(dtype)
@@ -217,15 +289,24 @@ class VeraLinear(nn.Module):
                 def weight():  # dequantized in the forward and again in the backward, never kept
                     return dequantized_weight(self.base_layer, dtype)
 
-                return FoldedVeraLinear.apply(
-                    x_c, projections.project(x_c, A), lambda_d, lambda_b, weight, self.base_layer.bias, A, B
-                )
+                ax, bias = projections.project(x_c, A), self.base_layer.bias
+                if not magnitude:
+                    return FoldedVeraLinear.apply(x_c, ax, lambda_d, lambda_b, weight, bias, A, B)
+                out, norms = FoldedVeraLinear.apply(x_c, ax, lambda_d, lambda_b, weight, None, A, B, True)
+                out = out * (self.lambda_m.float() / norms).to(dtype)
+                return out if bias is None else out + bias.to(dtype)
         base = self.base_layer(x)  # exactly as without VeRA, under the caller's autocast
         with autocast_off(x):
             ax = projections.project(x.to(dtype), A)
+            scale = None
             if self.row_vectors is None:
                 delta = VeraDelta.apply(ax, lambda_d, lambda_b, B)
+                if magnitude:
+                    scale = self.lambda_m.float() / self.adapted_norms(lambda_d, lambda_b)
             else:
-                d_rows, b_rows = self.row_vectors
+                d_rows, b_rows, *scale_rows = self.row_vectors  # scale rows: magnitude layers only
                 delta = F.linear(ax * d_rows.to(dtype)[:, None, :], B) * b_rows.to(dtype)[:, None, :]
-        return base + delta.to(base.dtype)
+                if scale_rows:
+                    scale = scale_rows[0][:, None, :]
+        out = base + delta.to(base.dtype)
+        return out if scale is None else self._rescaled(out, scale)

@@ -8,6 +8,11 @@ With `max_resident` set, adding an adapter beyond that count drops the least rec
 one (a server reloads it from its folder on the next request that names it). `dtype` is how
 resident vectors are stored: the forward casts them to the compute dtype anyway, so storing
 them in it (bfloat16 for an NF4 base) halves their memory and changes no result.
+
+On a model attached with magnitude=True (DVoRA), each adapter also gets one output scale per
+layer row, m / ||W0 + ΔW||, computed once when it is added; a plain VeRA adapter added there
+becomes the DVoRA adapter with m = ||W0 + ΔW||, the same function (its scales are exactly 1),
+so plain and DVoRA adapters share a mixed batch.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class AdapterBank:
             raise ValueError("this model has no VeRA attached; call qvera.attach_vera first")
         self.device = next(iter(self.layers.values())).lambda_d.device
         self.adapters: dict[str, dict[str, torch.Tensor]] = {}
+        self.magnitude = any(layer.lambda_m is not None for layer in self.layers.values())
+        self.scales: dict[str, dict[str, torch.Tensor]] = {}  # DVoRA: per adapter, per layer
         self.active: str | None = None
         self._last_use: dict[str, int] = {}
         self._clock = 0
@@ -47,12 +54,28 @@ class AdapterBank:
         """Keep an adapter's vectors (as from `vector_state` or an adapter file)."""
         if not name:
             raise ValueError("an adapter needs a non-empty name")
+        if self.magnitude and not any(key.endswith(".lambda_m") for key in state):
+            state = {**state, **self._plain_magnitudes(state)}
         check_vector_state(self.model, state, source=f"adapter {name!r}")
         self.adapters[name] = {k: v.detach().to(self.device, self.dtype).clone() for k, v in state.items()}
+        if self.magnitude:
+            self.scales[name] = self._scales(self.adapters[name])
         self.touch([name])
         if self.max_resident is not None:
             while len(self.adapters) > self.max_resident:
                 self.remove(min(self._last_use, key=self._last_use.get))
+
+    def _norms(self, layer_name: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        d, b = (state[f"{layer_name}.lambda_{which}"].to(self.device, torch.float32) for which in "db")
+        return self.layers[layer_name].adapted_norms(d, b)
+
+    def _plain_magnitudes(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """m = ||W0 + ΔW||: a plain VeRA adapter as a DVoRA one."""
+        return {f"{name}.lambda_m": self._norms(name, state) for name in self.layers if f"{name}.lambda_d" in state}
+
+    def _scales(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """m / ||W0 + ΔW|| per layer: all a mixed batch needs of DVoRA's magnitude."""
+        return {name: state[f"{name}.lambda_m"].float() / self._norms(name, state) for name in self.layers}
 
     def touch(self, names: list[str | None]) -> None:
         """Mark resident adapters as just used, so eviction spares them."""
@@ -69,6 +92,7 @@ class AdapterBank:
         self._require(name)
         del self.adapters[name]
         del self._last_use[name]
+        self.scales.pop(name, None)
         if self.active == name:
             self.activate(None)
 
@@ -78,6 +102,8 @@ class AdapterBank:
             with torch.no_grad():
                 for layer in self.layers.values():
                     layer.lambda_b.zero_()
+                    if layer.lambda_m is not None:  # m = ||W0||: the scale is 1
+                        layer.lambda_m.copy_(layer.adapted_norms(layer.lambda_d, layer.lambda_b))
         else:
             load_vector_state(self.model, self._require(name))
             self.touch([name])
@@ -113,6 +139,10 @@ class AdapterBank:
                         d_rows.append(self.adapters[name][f"{layer_name}.lambda_d"])
                         b_rows.append(self.adapters[name][f"{layer_name}.lambda_b"])
                 layer.row_vectors = (torch.stack(d_rows), torch.stack(b_rows))
+                if self.magnitude:
+                    ones = torch.ones(layer.out_features, device=self.device)
+                    scales = [ones if name is None else self.scales[name][layer_name] for name in row_adapters]
+                    layer.row_vectors += (torch.stack(scales),)
             yield
         finally:
             for layer in self.layers.values():

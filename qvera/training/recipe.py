@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from qvera.adapters.peft_interop import NO_PEFT_DVORA
 from qvera.core.config import ModelConfig, VeraConfig, from_dict, load_yaml, option
 
 DEMO_DATA = "demo"  # the data set qvera writes itself (qvera.demo); see DataConfig.path
@@ -46,6 +47,10 @@ class TrainConfig:
 
     output_dir: str = option("runs/sft", "folder for checkpoints, adapter and loss curve")
     learning_rate: float = option(4e-3, "peak learning rate (VeRA: about 10x LoRA's)")
+    # d starts at 0.1 and b at 0, m at the weight's row norms: their scales differ, so may their rates.
+    lr_scale_d: float = option(1.0, "learning rate of the vectors d, as a multiple of learning_rate")
+    lr_scale_b: float = option(1.0, "learning rate of the vectors b, as a multiple of learning_rate")
+    lr_scale_m: float = option(1.0, "learning rate of DVoRA's magnitudes m, as a multiple of learning_rate")
     epochs: float = option(1.0, "passes over the training data")
     max_steps: int = option(-1, "optimizer steps; > 0 overrides epochs")
     batch_size: int = option(8, "examples per device and step")
@@ -111,6 +116,12 @@ def check_recipe(recipe: SFTRecipe) -> None:
         raise ValueError("train.learning_rate, train.batch_size and train.grad_accum must be positive")
     if train.max_steps <= 0 and train.epochs <= 0:
         raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+    scales = {"lr_scale_d": train.lr_scale_d, "lr_scale_b": train.lr_scale_b, "lr_scale_m": train.lr_scale_m}
+    for name, value in scales.items():
+        if value <= 0:
+            raise ValueError(f"train.{name} must be positive, got {value}")
+    if train.export_peft and recipe.vera.magnitude:
+        raise ValueError("train.export_peft: " + NO_PEFT_DVORA)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

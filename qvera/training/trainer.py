@@ -4,6 +4,8 @@ What qvera changes in the trainer, and why:
 - TRL casts the trainable parameters of quantized models to bf16 (right for QLoRA's
   matrices, wrong for VeRA: d = 0.1 rounds, and updates of d below bf16's resolution are
   lost). `VeraSFTTrainer` restores the fp32 vectors, values unchanged, after TRL's setup.
+- d, b and DVoRA's m train at their own learning rates (`lr_scales`, multiples of the
+  learning rate), one optimizer parameter group each, whatever optimizer Trainer picks.
 - Checkpoints hold the vectors only (plus the optimizer, scheduler, RNG and trainer state
   that Trainer writes), never the 4-bit base; each appears by one rename, so a run killed at
   any moment (kill -9) resumes from its last complete checkpoint.
@@ -56,7 +58,8 @@ LOSS_PLOT = "loss.png"
 class VeraSFTTrainer(SFTTrainer):
     """SFTTrainer for an adapter on a quantized base: VeRA attached by qvera (or a peft adapter)."""
 
-    def __init__(self, model, *args, **kwargs):
+    def __init__(self, model, *args, lr_scales: dict[str, float] | None = None, **kwargs):
+        self.lr_scales = lr_scales or {}  # "lambda_d" / "lambda_b" / "lambda_m" -> multiple of the learning rate
         initial = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
         # Trainer refuses a quantized model without adapters it knows; VeRA's vectors are
         # the adapter here, as peft's would be.
@@ -70,6 +73,26 @@ class VeraSFTTrainer(SFTTrainer):
                 if name in initial:
                     param.data = initial[name].to(param.device)
 
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer class and settings (paged 8-bit AdamW included), with one parameter
+        group per vector kind at learning_rate times its scale; the scheduler scales each group."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(self.vector_groups(opt_model), **optimizer_kwargs)
+        return super().create_optimizer(model)
+
+    def vector_groups(self, model) -> list[dict]:
+        groups: dict[float, list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                scale = self.lr_scales.get(name.rpartition(".")[2], 1.0)
+                groups.setdefault(scale, []).append(param)
+        return [
+            {"params": params, "lr": self.args.learning_rate * scale, "weight_decay": self.args.weight_decay}
+            for scale, params in groups.items()
+        ]
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints hold the vectors, never the (4-bit) base model."""
         if not self.args.should_save:
@@ -79,7 +102,8 @@ class VeraSFTTrainer(SFTTrainer):
         if state_dict is None:
             vectors = vector_state(self.accelerator.unwrap_model(self.model))
         else:  # FSDP / DeepSpeed gathered a full state dict for us
-            vectors = {k: v.float().cpu() for k, v in state_dict.items() if k.endswith((".lambda_d", ".lambda_b"))}
+            suffixes = (".lambda_d", ".lambda_b", ".lambda_m")
+            vectors = {k: v.float().cpu() for k, v in state_dict.items() if k.endswith(suffixes)}
         safetensors.torch.save_file(
             {k: v.contiguous() for k, v in vectors.items()}, os.path.join(output_dir, CHECKPOINT_VECTORS)
         )
@@ -213,6 +237,11 @@ def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
     )
 
 
+def lr_scales(train) -> dict[str, float]:
+    """TrainConfig's per-vector learning-rate multiples, keyed by parameter name."""
+    return {"lambda_d": train.lr_scale_d, "lambda_b": train.lr_scale_b, "lambda_m": train.lr_scale_m}
+
+
 @dataclass
 class SFTResult:
     output_dir: Path
@@ -261,6 +290,7 @@ def build_trainer(recipe: SFTRecipe, log=print):
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
+        lr_scales=lr_scales(recipe.train),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressWithThroughput())
