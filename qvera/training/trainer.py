@@ -157,7 +157,7 @@ def remove_created(folder: str | Path, created: Path) -> None:
     folder = Path(folder).absolute()
     shutil.rmtree(folder, ignore_errors=True)
     for parent in folder.parents:
-        if created not in (parent, *parent.parents):
+        if not parent.is_relative_to(created):
             return
         try:
             parent.rmdir()
