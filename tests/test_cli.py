@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import runpy
+import shutil
 import sys
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from conftest import REPO, adapted, randomize_vectors
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
-from qvera.adapters.format import read_adapter, save_adapter
+from qvera.adapters.format import CONFIG_FILE, read_adapter, save_adapter
 from qvera.adapters.peft_interop import export_peft
 from qvera.cli import main
 from qvera.core.attach import vector_state
@@ -46,6 +48,7 @@ def test_inspect_qvera_and_peft_folders(saved, tiny_llama_dir, capsys):
     assert "targets:      14 layers: down_proj x2, gate_proj x2, k_proj x2" in out
     assert "parameters:   1,264 (5,056 bytes fp32, 2,528 bytes bf16)" in out
     assert f"base model:   {tiny_llama_dir}" in out and f"fingerprint:  {fingerprint}" in out
+    assert "checksum:     verified" in out
     assert main(["inspect", str(peft_folder)]) == 0
     out = capsys.readouterr().out
     assert "format:       peft-vera v0.21.2" in out and "rank:         8" in out and "14 layers" in out
@@ -95,6 +98,25 @@ def test_errors_are_one_line(saved, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["convert", str(saved[1]), str(tmp_path / "x")])  # --base is required
     assert "the following arguments are required: --base" in capsys.readouterr().err
+
+
+def test_inspect_verifies_the_checksum_and_the_field_types(saved, tmp_path, capsys):
+    edited = tmp_path / "edited"
+    shutil.copytree(saved[0], edited)
+    config = json.loads((edited / CONFIG_FILE).read_text())
+    (edited / CONFIG_FILE).write_text(json.dumps({**config, "seed": 5}))
+    assert main(["inspect", str(edited)]) == 2
+    assert capsys.readouterr().err == (
+        f"qvera inspect: error: {edited / CONFIG_FILE} was edited after export (its checksum does not match): "
+        "seed 5 does not regenerate the projections its fingerprint records (seed or projections.fingerprint "
+        "was changed); restore the original file or export the adapter again\n"
+    )
+    (edited / CONFIG_FILE).write_text(json.dumps({**config, "format_version": "2"}))
+    assert main(["inspect", str(edited)]) == 2
+    assert capsys.readouterr().err == (
+        f'qvera inspect: error: {edited / CONFIG_FILE}: format_version is "2" (a string), expected an integer; '
+        "export the adapter again\n"
+    )
 
 
 def test_smollm2_adapter_loads_from_the_command_line(smollm2_dir, tmp_path, capsys):

@@ -75,9 +75,11 @@ def projection_shapes(rank: int, targets: dict[str, list[int]]) -> tuple[list[in
     return [rank, max(s[1] for s in targets.values())], [max(s[0] for s in targets.values()), rank]
 
 
-def check_fits(adapter: Adapter, model: nn.Module, *, source: str = "adapter") -> None:
+def check_fits(adapter: Adapter, model: nn.Module, *, source: str | None = None) -> None:
     """Raise one clear line naming the first thing that differs between the adapter and the
-    model (with or without VeRA attached), before any computation."""
+    model (with or without VeRA attached), before any computation; `source` (by default the
+    folder the adapter was read from) starts the line."""
+    source = source or str(adapter.folder or "adapter")
     config = adapter.config
     _check_base(config["base_model"], describe_base(model), source)
     _check_targets(config["targets"], model_targets(model, config["targets"]), source)

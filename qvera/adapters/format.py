@@ -5,7 +5,9 @@ fingerprint recorded at export (sha256 of A then B as generated, fp32 bytes), so
 of a 7B model at rank 512 is a few MB. Folder layout:
 
     qvera_adapter.json   format version, rank, seed, d_initial, targets and their shapes,
-                         base model, projections' dtype and fingerprint, vectors' checksum
+                         base model, projections' dtype and fingerprint, vectors' checksum,
+                         and `checksum`: sha256 of the file's own other fields (canonical JSON),
+                         so a hand edit is reported as one (files without it still load)
     vectors.safetensors  `<layer>.lambda_d` and `<layer>.lambda_b`, fp32 (or bf16), and
                          `<layer>.lambda_m` for DVoRA (magnitude) adapters
     README.md            a short model card
@@ -26,11 +28,13 @@ from qvera.adapters.atomic import atomic_folder
 from qvera.adapters.fit import (
     check_fits,
     describe_base,
+    projection_shapes,
     projections_fingerprint,
     target_shapes,
 )
 from qvera.core.attach import layer_vectors, shared_projections, vector_state, vera_layers
 from qvera.core.config import VeraConfig
+from qvera.core.vera import generate_projections
 from qvera.version import __version__
 
 FORMAT = "qvera-adapter"
@@ -42,6 +46,59 @@ CARD_FILE = "README.md"
 ADAPTER_FILES = {CONFIG_FILE, VECTORS_FILE, CARD_FILE}
 PEFT_CONFIG_FILE = "adapter_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CHECKSUM_FIELD = "checksum"
+JSON_TYPES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_int(n) and n > 0 for n in value)
+
+
+def _is_optional_str(value) -> bool:
+    return value is None or isinstance(value, str)
+
+
+# Every field of qvera_adapter.json the reader uses: (test, what passes it), nested fields dotted.
+FIELD_TYPES = {
+    "format_version": (_is_int, "an integer"),
+    CHECKSUM_FIELD: (lambda v: isinstance(v, str), "a string"),
+    "rank": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "seed": (_is_int, "an integer"),
+    "d_initial": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "target_modules": (
+        lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(n, str) for n in v)),
+        "a string or a list of strings",
+    ),
+    "targets": (
+        lambda v: isinstance(v, dict) and bool(v) and all(_is_shape(s) for s in v.values()),
+        "an object mapping each layer name to [out, in]",
+    ),
+    "base_model": (lambda v: isinstance(v, dict), "an object"),
+    "base_model.name": (_is_optional_str, "a string or null"),
+    "base_model.revision": (_is_optional_str, "a string or null"),
+    "base_model.content_hash": (_is_optional_str, "a string or null"),
+    "projections": (lambda v: isinstance(v, dict), "an object"),
+    "projections.A": (lambda v: v is None or _is_shape(v), "[rank, in] or null"),
+    "projections.B": (lambda v: v is None or _is_shape(v), "[out, rank] or null"),
+    "projections.fingerprint": (_is_optional_str, "a string or null"),
+    "vectors": (lambda v: isinstance(v, dict), "an object"),
+    "vectors.file": (lambda v: v == VECTORS_FILE, f"{VECTORS_FILE!r}"),
+    "vectors.dtype": (lambda v: v in DTYPES, f"one of {sorted(DTYPES)}"),
+    "vectors.parameters": (_is_int, "an integer"),
+    "vectors.bytes": (_is_int, "an integer"),
+    "vectors.sha256": (lambda v: isinstance(v, str), "a string"),
+}
 
 
 @dataclass
@@ -51,6 +108,7 @@ class Adapter:
 
     config: dict
     vectors: dict[str, torch.Tensor]
+    folder: Path | None = None  # where it was read from: errors name it
 
     @property
     def vera_config(self) -> VeraConfig:
@@ -118,11 +176,18 @@ def write_adapter(adapter: Adapter, folder: str | Path, *, dtype: torch.dtype = 
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
+    config[CHECKSUM_FIELD] = config_checksum(config)
     with atomic_folder(folder, replaceable=ADAPTER_FILES) as staging:
         (staging / VECTORS_FILE).write_bytes(data)
         (staging / CARD_FILE).write_text(model_card(config))
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def config_checksum(config: dict) -> str:
+    """sha256 of the canonical JSON of every field but the checksum itself."""
+    fields = {k: v for k, v in config.items() if k != CHECKSUM_FIELD}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save_adapter(model: nn.Module, folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
@@ -154,9 +219,9 @@ def read_adapter(folder: str | Path, model: nn.Module | None = None) -> Adapter:
     """Read an adapter folder, checking its files; with `model`, also check that it fits it."""
     folder = Path(folder)
     config = _read_config(folder)
-    adapter = Adapter(config, _read_vectors(folder, config))
+    adapter = Adapter(config, _read_vectors(folder, config), folder)
     if model is not None:
-        check_fits(adapter, model, source=str(folder))
+        check_fits(adapter, model)
     return adapter
 
 
@@ -179,7 +244,8 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{path} is truncated or corrupted ({err}); export the adapter again") from err
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{path} is not a qvera adapter description; export the adapter again")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    _check_field(path, config, "format_version")
+    if config["format_version"] > FORMAT_VERSION:
         raise ValueError(
             f"{path} has format version {config['format_version']}, newer than this qvera reads "
             f"({FORMAT_VERSION}); upgrade qvera"
@@ -188,7 +254,90 @@ def _read_config(folder: Path) -> dict:
     missing = sorted(required - set(config))
     if missing:
         raise ValueError(f"{path} lacks {missing}; the file is damaged, export the adapter again")
+    _check_types(path, config)
+    if CHECKSUM_FIELD in config and config[CHECKSUM_FIELD] != config_checksum(config):
+        found = _edits(folder, config) or [
+            "which field changed cannot be told, it is one the vectors do not vouch for "
+            "(d_initial, target_modules, base_model, ...)"
+        ]
+        raise ValueError(
+            f"{path} was edited after export (its checksum does not match): {'; '.join(found)}; "
+            "restore the original file or export the adapter again"
+        )
     return config
+
+
+def _check_types(path: Path, config: dict) -> None:
+    """Every field the reader uses has the type it expects (parents before their fields)."""
+    for name in FIELD_TYPES:
+        _check_field(path, config, name)
+
+
+def _check_field(path: Path, config: dict, name: str) -> None:
+    """One line naming a field of the wrong type: file, field, found and expected."""
+    test, expected = FIELD_TYPES[name]
+    *parents, key = name.split(".")
+    section = config[parents[0]] if parents else config
+    if key not in section:
+        if name == CHECKSUM_FIELD:  # adapters written before qvera recorded it
+            return
+        raise ValueError(f"{path} lacks {name}; the file is damaged, export the adapter again")
+    value = section[key]
+    if not test(value):
+        found = json.dumps(value)
+        found = found if len(found) <= 40 else found[:37] + "..."
+        kind = f" ({JSON_TYPES[type(value)]})" if type(value) in JSON_TYPES else ""
+        raise ValueError(f"{path}: {name} is {found}{kind}, expected {expected}; export the adapter again")
+
+
+def _edits(folder: Path, config: dict) -> list[str]:
+    """The fields of an edited qvera_adapter.json that disagree with the vectors (or the
+    projections they imply); empty when the edit is in a field nothing else vouches for."""
+    data = (folder / VECTORS_FILE).read_bytes() if (folder / VECTORS_FILE).is_file() else b""
+    try:
+        vectors = safetensors.torch.load(data)
+    except Exception:  # safetensors raises its own error types for damaged files
+        return []
+    found = []
+    if hashlib.sha256(data).hexdigest() != config["vectors"]["sha256"] or len(data) != config["vectors"]["bytes"]:
+        found.append(f"vectors.sha256 or vectors.bytes does not describe {VECTORS_FILE}")
+    if config["vectors"]["parameters"] != sum(v.numel() for v in vectors.values()):
+        found.append(
+            f"vectors.parameters is {config['vectors']['parameters']}, the vectors hold "
+            f"{sum(v.numel() for v in vectors.values())}"
+        )
+    ranks = {v.shape[0] for k, v in vectors.items() if k.endswith(".lambda_d")}
+    if len(ranks) != 1:
+        return found
+    rank = ranks.pop()
+    if config["rank"] != rank:
+        found.append(f"rank is {config['rank']}, the vectors have rank {rank}")
+    outs = {k.removesuffix(".lambda_b"): v.shape[0] for k, v in vectors.items() if k.endswith(".lambda_b")}
+    targets = config["targets"]
+    if set(targets) != set(outs):
+        name = sorted(set(targets) ^ set(outs))[0]
+        found.append(f"targets lists {name}, which has no vectors" if name in targets else f"targets lacks {name}")
+        return found
+    for name, (out_features, _) in sorted(targets.items()):
+        if out_features != outs[name]:
+            found.append(f"targets gives {name} {out_features} outputs, its lambda_b has {outs[name]}")
+    recorded = config["projections"]
+    if recorded["A"] is None:
+        return found
+    implied = list(projection_shapes(rank, targets))
+    if [recorded["A"], recorded["B"]] != implied:
+        found.append(
+            f"projections.A and B are {recorded['A']} and {recorded['B']}, the targets imply {implied[0]} and "
+            f"{implied[1]} (a width in targets or projections was changed)"
+        )
+    elif recorded["fingerprint"] is not None:
+        A, B = generate_projections(rank, recorded["A"][1], recorded["B"][0], config["seed"])
+        if projections_fingerprint(A, B) != recorded["fingerprint"]:
+            found.append(
+                f"seed {config['seed']} does not regenerate the projections its fingerprint records "
+                "(seed or projections.fingerprint was changed)"
+            )
+    return found
 
 
 def _read_vectors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
@@ -209,9 +358,18 @@ def _read_vectors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
         if config.get("magnitude"):
             expected[f"{name}.lambda_m"] = (out_features,)
     found = {k: tuple(v.shape) for k, v in vectors.items()}
-    if found != expected:
-        raise ValueError(f"{path} does not match the targets listed in {CONFIG_FILE}; export the adapter again")
+    for key in sorted(set(found) | set(expected)):
+        if found.get(key) != expected.get(key):
+            raise ValueError(
+                f"{path} does not match {CONFIG_FILE} (rank {config['rank']}): {key} is "
+                f"{_shape(found.get(key))} in the vectors, {_shape(expected.get(key))} in {CONFIG_FILE}; "
+                "export the adapter again"
+            )
     return vectors
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else f"of shape {shape}"
 
 
 def adapter_size(model: nn.Module) -> dict[str, int]:
@@ -251,5 +409,6 @@ def describe(adapter: Adapter, folder: str | Path | None = None) -> str:
         f"base model:   {base['name'] or '-'} (revision "
         f"{base['revision'] or '-'}, content hash {base['content_hash'] or '-'})",
         f"fingerprint:  {config['projections']['fingerprint'] or 'not recorded'}",
+        f"checksum:     {'verified' if CHECKSUM_FIELD in config else 'not recorded'}",
     ]
     return "\n".join(lines)

@@ -128,12 +128,12 @@ def import_peft(folder: str | Path, model: nn.Module | None = None) -> Adapter:
         for name, shape in targets.items():
             if name in here:
                 shape[1] = here[name][1]
-        adapter = Adapter(config, vectors)
-        check_fits(adapter, model, source=str(folder))
+        adapter = Adapter(config, vectors, folder)
+        check_fits(adapter, model)
         a_shape, b_shape = projection_shapes(rank, targets)
         config["projections"].update(A=a_shape, B=b_shape, fingerprint=model_fingerprint(model, rank, seed, targets))
         return adapter
-    return Adapter(config, vectors)
+    return Adapter(config, vectors, folder)
 
 
 def _peft_config(folder: Path) -> dict:

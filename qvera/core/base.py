@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, is_offline_mode
+from huggingface_hub.utils import HFValidationError, get_session, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qvera.core.bnb import disable_cpu_repacking
@@ -78,7 +80,44 @@ def resolve_model_path(name: str) -> str:
         return builtin_smollm2_folder()
     if is_random(name):
         return random_base_folder(name, cache_dir())
+    if not Path(name).is_dir():
+        check_hub_model(name)
+    elif not (Path(name) / "config.json").is_file():
+        raise cannot_load(name, f"the folder {name} has no config.json; pass a folder written by save_pretrained")
     return name  # a hub id or a local folder: transformers resolves both
+
+
+def cannot_load(name: str, reason: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"cannot load model {name!r} (not a local folder, a reachable hub id, nor the built-in {BUILTIN_SMOLLM2!r}): "
+        f"{reason}"
+    )
+
+
+def check_hub_model(name: str) -> None:
+    """Fail at once for a hub id that cannot be fetched: not cached while the hub is offline
+    or unreachable (transformers would spend a minute in retries before saying so)."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise cannot_load(name, "no such folder, and not a hub id") from None
+    if (Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}").is_dir():
+        return  # cached: transformers decides, offline too
+    if is_offline_mode():
+        raise cannot_load(name, "not in the hub cache, and HF_HUB_OFFLINE is set; pass a local folder or go online")
+    if not hub_reachable():
+        raise cannot_load(
+            name, f"not in the hub cache, and {constants.ENDPOINT} cannot be reached; pass a local folder or go online"
+        )
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One request to the hub, without the retries of a download."""
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # the hub's HTTP client raises its own error types
+        return False
+    return True
 
 
 def device_kind(device_map: str | dict | None) -> str:

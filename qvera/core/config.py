@@ -7,12 +7,23 @@ HfArgumentParser turns into a command-line flag named after the field.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 ALL_LINEAR = "all-linear"
+TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+    list: "a list",
+    dict: "a mapping",
+}
 
 
 def option(default, help: str, **metadata):
@@ -65,12 +76,46 @@ class ModelConfig:
 
 
 def from_dict(cls, values: dict, *, source: str = "config"):
-    """Build a dataclass from a mapping, naming any unknown key (a typo in YAML must not pass)."""
+    """Build a dataclass from a mapping, naming any unknown key or value of the wrong type
+    (a typo in YAML must not pass, nor fail later as a TypeError deep inside a run)."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    values = dict(values)
+    for name, value in values.items():
+        if hints[name] is float and isinstance(value, str):
+            try:  # PyYAML reads 4e-3 (no dot) as a string; argparse would read it as a number
+                values[name] = value = float(value)
+            except ValueError:
+                pass
+        if not _matches(value, hints[name]):
+            raise ValueError(
+                f"{source}: {name} is {value!r} ({_describe(type(value))}), expected {_describe(hints[name])}"
+            )
     return cls(**values)
+
+
+def _matches(value, hint) -> bool:
+    """isinstance for the annotations config fields use (bool is not a number here)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return TYPE_NAMES.get(hint, hint.__name__)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -16,11 +16,11 @@ import random
 from pathlib import Path
 
 from qvera.training.demo import demo_conversations
-from qvera.training.recipe import DEMO_DATA, DataConfig
+from qvera.training.recipe import DEMO_DATA, LOCAL_SUFFIXES, DataConfig
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
+KEYED_FORMATS = {"alpaca": ("instruction", "output"), "prompt-completion": ("prompt", "completion")}
 
 # For bases without a chat template (e.g. Llama-2-7b-hf): plain text markers, an EOS after
 # each answer so the tuned model learns to stop.
@@ -101,10 +101,13 @@ def detect_format(row: dict, source: str) -> str:
         raise DataError(f"{source} row 1: expected an object, found {type(row).__name__}")
     if "messages" in row:
         return "messages"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    if "prompt" in row and "completion" in row:
-        return "prompt-completion"
+    for fmt, keys in KEYED_FORMATS.items():
+        if all(key in row for key in keys):
+            return fmt
+    for fmt, keys in KEYED_FORMATS.items():
+        missing = [key for key in keys if key not in row]
+        if len(missing) < len(keys):  # half of a known format: name what the row lacks
+            raise DataError(f"{source} row 1: missing {missing[0]!r} ({fmt} rows need {' and '.join(map(repr, keys))})")
     raise DataError(
         f"{source}: unknown data format (first row has keys {sorted(row)}); expected 'messages', "
         "'instruction'+'output' (Alpaca) or 'prompt'+'completion', or set data.format"

@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, SchedulerType
+from transformers.training_args import OptimizerNames
 
 from qvera.adapters.peft_interop import NO_PEFT_DVORA
+from qvera.core.base import QUANTIZATIONS
 from qvera.core.config import ModelConfig, VeraConfig, from_dict, load_yaml, option
+from qvera.core.hardware import COMPUTE_DTYPES
 
 DEMO_DATA = "demo"  # the data set qvera writes itself (qvera.demo); see DataConfig.path
 FORMATS = ("auto", "messages", "alpaca", "prompt-completion")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")  # data paths read as local files
+QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -81,6 +88,13 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(SFTRecipe)}
 
 
 def recipe_from_dict(values: dict, *, source: str = "recipe") -> SFTRecipe:
+    recipe = _unchecked_recipe(values, source)
+    check_recipe(recipe)
+    return recipe
+
+
+def _unchecked_recipe(values: dict, source: str) -> SFTRecipe:
+    """Sections, keys and types checked; values not yet (flags may still replace them)."""
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{source}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
@@ -90,9 +104,7 @@ def recipe_from_dict(values: dict, *, source: str = "recipe") -> SFTRecipe:
         if not isinstance(section, dict):
             raise ValueError(f"{source}: section {name!r} must be a mapping of fields")
         sections[name] = from_dict(cls, section, source=f"{source} [{name}]")
-    recipe = SFTRecipe(**sections)
-    check_recipe(recipe)
-    return recipe
+    return SFTRecipe(**sections)
 
 
 def load_recipe(path: str | Path) -> SFTRecipe:
@@ -104,24 +116,81 @@ def recipe_to_dict(recipe: SFTRecipe) -> dict:
 
 
 def check_recipe(recipe: SFTRecipe) -> None:
-    """Reject values that would only fail later, after the model has loaded."""
-    data, train = recipe.data, recipe.train
-    if data.format not in FORMATS:
-        raise ValueError(f"data.format {data.format!r} is unknown; use one of {', '.join(FORMATS)}")
-    if not 0 <= data.eval_fraction < 1:
-        raise ValueError(f"data.eval_fraction must be in [0, 1), got {data.eval_fraction}")
-    if data.max_length < 8:
-        raise ValueError(f"data.max_length must be at least 8 tokens, got {data.max_length}")
-    if train.learning_rate <= 0 or train.batch_size < 1 or train.grad_accum < 1:
-        raise ValueError("train.learning_rate, train.batch_size and train.grad_accum must be positive")
-    if train.max_steps <= 0 and train.epochs <= 0:
-        raise ValueError("set train.epochs > 0 or train.max_steps > 0")
-    scales = {"lr_scale_d": train.lr_scale_d, "lr_scale_b": train.lr_scale_b, "lr_scale_m": train.lr_scale_m}
-    for name, value in scales.items():
-        if value <= 0:
-            raise ValueError(f"train.{name} must be positive, got {value}")
-    if train.export_peft and recipe.vera.magnitude:
-        raise ValueError("train.export_peft: " + NO_PEFT_DVORA)
+    """Reject, in one line naming the field, every value that would only fail later, after the
+    model has loaded (minutes for a 7B base); touches nothing on disk."""
+    model, vera, data, train = recipe.model, recipe.vera, recipe.data, recipe.train
+    problems = [
+        (not model.name, "model.name is empty; pass a hub id, a local folder or smollm2-135m"),
+        (
+            model.quantization not in QUANTIZATIONS,
+            f"model.quantization {model.quantization!r} is unknown; use one of {', '.join(QUANTIZATIONS)}",
+        ),
+        (
+            model.compute_dtype not in COMPUTE_DTYPES,
+            f"model.compute_dtype {model.compute_dtype!r} is unknown; use one of {', '.join(COMPUTE_DTYPES)}",
+        ),
+        (
+            model.quant_storage not in QUANT_STORAGES,
+            f"model.quant_storage {model.quant_storage!r} is unknown; use one of {', '.join(QUANT_STORAGES)}",
+        ),
+        (vera.rank < 1, f"vera.rank must be at least 1, got {vera.rank}"),
+        (not math.isfinite(vera.d_initial), f"vera.d_initial must be a finite number, got {vera.d_initial}"),
+        (not vera.target_modules, "vera.target_modules is empty; use all-linear or layer names such as q_proj,v_proj"),
+        (data.format not in FORMATS, f"data.format {data.format!r} is unknown; use one of {', '.join(FORMATS)}"),
+        (not 0 <= data.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {data.eval_fraction}"),
+        (data.max_length < 8, f"data.max_length must be at least 8 tokens, got {data.max_length}"),
+        (
+            (data.max_examples or 0) < 0,
+            f"data.max_examples must be at least 0 (0: all), got {data.max_examples}",
+        ),
+        (
+            not (math.isfinite(train.learning_rate) and train.learning_rate > 0),
+            f"train.learning_rate must be above 0, got {train.learning_rate}",
+        ),
+        (train.batch_size < 1, f"train.batch_size must be at least 1, got {train.batch_size}"),
+        (train.grad_accum < 1, f"train.grad_accum must be at least 1, got {train.grad_accum}"),
+        (train.max_steps <= 0 and train.epochs <= 0, "set train.epochs > 0 or train.max_steps > 0"),
+        (train.warmup_steps < 0, f"train.warmup_steps must be at least 0, got {train.warmup_steps}"),
+        (train.weight_decay < 0, f"train.weight_decay must be at least 0, got {train.weight_decay}"),
+        (train.logging_steps < 1, f"train.logging_steps must be at least 1, got {train.logging_steps}"),
+        (train.eval_steps < 0, f"train.eval_steps must be at least 0 (0: only at the end), got {train.eval_steps}"),
+        (train.save_steps < 0, f"train.save_steps must be at least 0 (0: no checkpoints), got {train.save_steps}"),
+        (train.save_total_limit < 1, f"train.save_total_limit must be at least 1, got {train.save_total_limit}"),
+        (
+            train.lr_scheduler not in {s.value for s in SchedulerType},
+            f"train.lr_scheduler {train.lr_scheduler!r} is unknown; use one of "
+            f"{', '.join(s.value for s in SchedulerType)}",
+        ),
+        (
+            train.optimizer != "auto" and train.optimizer not in {o.value for o in OptimizerNames},
+            f"train.optimizer {train.optimizer!r} is unknown; use auto or a transformers optim name (adamw_torch, ...)",
+        ),
+        (
+            min(train.lr_scale_d, train.lr_scale_b, train.lr_scale_m) <= 0,
+            "train.lr_scale_d, lr_scale_b and lr_scale_m must be above 0, got "
+            f"{train.lr_scale_d}, {train.lr_scale_b} and {train.lr_scale_m}",
+        ),
+        (train.export_peft and vera.magnitude, "train.export_peft: " + NO_PEFT_DVORA),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ValueError(message)
+    for name, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
+        if path and Path(path).suffix in LOCAL_SUFFIXES and not Path(path).is_file():
+            raise ValueError(f"{name} {path} does not exist; pass a .json, .jsonl or .parquet file or a hub data set")
+    _check_writable(Path(train.output_dir))
+
+
+def _check_writable(folder: Path) -> None:
+    """The output folder exists as a writable folder, or could be created: its nearest
+    existing parent is a writable folder (nothing is created here)."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output folder {folder} is not writable ({existing} is a file); choose another --output-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output folder {folder} is not writable ({existing} does not allow writing); choose another --output-dir"
+        )
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -141,7 +210,7 @@ def parse_recipe(argv: list[str] | None, default_config: str | Path, description
         [cls for cls in SECTIONS.values()], description=description, parents=[first], formatter_class=HelpFormatter
     )
     try:
-        base = load_recipe(known.config)
+        base = _unchecked_recipe(load_yaml(known.config), str(known.config))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     parser.set_defaults(**{k: v for section in recipe_to_dict(base).values() for k, v in section.items()})

@@ -43,7 +43,7 @@ from qvera.training.data import (
     load_conversations,
     tokenized_dataset,
 )
-from qvera.training.recipe import SFTRecipe
+from qvera.training.recipe import SFTRecipe, check_recipe
 
 CHECKPOINT_VECTORS = "vectors.safetensors"
 STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into the output folder
@@ -165,18 +165,36 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return max(folders, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def first_missing_folder(folder: str | Path) -> Path | None:
+    """The outermost folder that creating `folder` would create (None if it exists): what a
+    failed start removes again."""
+    missing = None
+    for path in (Path(folder).absolute(), *Path(folder).absolute().parents):
+        if path.exists():
+            return missing
+        missing = path
+    return missing
+
+
+def remove_created(folder: str | Path, created: Path) -> None:
+    """Undo a failed start: the output folder (new, so all in it is this run's), then the
+    parents it needed up to `created`, each only while empty."""
+    folder = Path(folder).absolute()
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if not parent.is_relative_to(created):
+            return
+        try:
+            parent.rmdir()
+        except OSError:  # something else appeared in it meanwhile: not ours to remove
+            return
+
+
 def prepare_output_dir(output_dir: str | Path, resume: bool) -> Path | None:
-    """Check the folder is writable and fits the request; return the checkpoint to resume."""
+    """Check the folder fits the request and is writable (creating it only then); return the
+    checkpoint to resume."""
     folder = Path(output_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise PermissionError(
-            f"output folder {folder} is not writable ({err.strerror}); choose another --output-dir"
-        ) from err
-    checkpoint = last_checkpoint(folder)
+    checkpoint = last_checkpoint(folder) if folder.is_dir() else None
     if resume and checkpoint is None:
         raise FileNotFoundError(f"no checkpoint to resume in {folder}; run without --resume to start afresh")
     if not resume and checkpoint is not None:
@@ -184,6 +202,17 @@ def prepare_output_dir(output_dir: str | Path, resume: bool) -> Path | None:
             f"{folder} already holds checkpoints ({checkpoint.name}); "
             "pass --resume to continue, or choose another --output-dir"
         )
+    created = first_missing_folder(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        if created is not None:
+            remove_created(folder, created)
+        raise PermissionError(
+            f"output folder {folder} is not writable ({err.strerror}); choose another --output-dir"
+        ) from err
     return checkpoint
 
 
@@ -272,10 +301,23 @@ class SFTResult:
 
 
 def build_trainer(recipe: SFTRecipe, log=print):
-    """Validate everything cheap first (compute dtype, output folder, data), then load the model and data."""
+    """Validate everything cheap first (the recipe, the compute dtype, the data, the output
+    folder), then load the model; a start that fails removes the output folder if it created it."""
+    check_recipe(recipe)
     compute_dtype(recipe.model.compute_dtype)  # an impossible dtype fails here, before any loading
-    checkpoint = prepare_output_dir(recipe.train.output_dir, recipe.train.resume)
     train_convs, eval_convs = load_conversations(recipe.data, recipe.train.seed)
+    created = first_missing_folder(recipe.train.output_dir)
+    checkpoint = prepare_output_dir(recipe.train.output_dir, recipe.train.resume)
+    try:
+        trainer = _trainer(recipe, train_convs, eval_convs, log)
+    except BaseException:
+        if created is not None:
+            remove_created(recipe.train.output_dir, created)
+        raise
+    return trainer, checkpoint
+
+
+def _trainer(recipe: SFTRecipe, train_convs: list, eval_convs: list, log) -> VeraSFTTrainer:
     log(f"data: {len(train_convs)} training and {len(eval_convs)} evaluation examples")
     model, tokenizer = load_base(recipe.model)
     if ensure_chat_template(tokenizer):
@@ -294,7 +336,7 @@ def build_trainer(recipe: SFTRecipe, log=print):
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressWithThroughput())
-    return trainer, checkpoint
+    return trainer
 
 
 def train(recipe: SFTRecipe, log=print) -> tuple[SFTResult, VeraSFTTrainer]:

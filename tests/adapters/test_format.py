@@ -4,6 +4,7 @@ mismatch failing with one clear line, atomic writes, many adapters on one base, 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,14 @@ def _edit_config(folder, **changes):
     path.write_text(json.dumps(config))
 
 
+def _old_style(folder):
+    """As adapters were written before qvera_adapter.json carried its own checksum."""
+    path = folder / CONFIG_FILE
+    config = json.loads(path.read_text())
+    del config["checksum"]
+    path.write_text(json.dumps(config))
+
+
 def _copy(folder, tmp_path):
     import shutil
 
@@ -149,7 +158,7 @@ def test_mismatch_fails_with_one_line_before_computing(fp32_adapter, tmp_path, m
     attached_before = hasattr(model, "vera_projections")
     with pytest.raises(ValueError, match=match) as err:
         attach_adapter(model, folder)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(folder))  # names the folder
     with pytest.raises(ValueError, match=match):
         read_adapter(folder, model)
     assert hasattr(model, "vera_projections") == attached_before  # nothing was attached
@@ -165,7 +174,7 @@ def _hand_built(**overrides):
     "damage, match",
     [
         (
-            lambda f: _edit_config(f, projections__fingerprint="0" * 64),
+            lambda f: (_old_style(f), _edit_config(f, projections__fingerprint="0" * 64)),
             "projections regenerated from seed 0 do not match its fingerprint",
         ),
         (lambda f: _edit_config(f, format_version=3), "format version 3, newer than this qvera reads"),
@@ -195,6 +204,69 @@ def _flip_byte(path):
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+EDITED = r"qvera_adapter.json was edited after export \(its checksum does not match\): "
+DOWN = "model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"seed": 5}, EDITED + "seed 5 does not regenerate the projections its fingerprint records"),
+        ({"rank": 16}, EDITED + "rank is 16, the vectors have rank 8"),
+        ({f"targets__{DOWN}": [80, 160]}, EDITED + f"targets gives {DOWN} 80 outputs, its lambda_b has 64"),
+        (
+            {f"targets__{DOWN}": [64, 200]},
+            EDITED + r"projections.A and B are \[8, 160\] and \[160, 8\], the targets imply \[8, 200\]",
+        ),
+        ({"d_initial": 0.5}, EDITED + "which field changed cannot be told, it is one the vectors do not vouch for"),
+    ],
+    ids=["seed", "rank", "out-width", "in-width", "d_initial"],
+)
+def test_a_hand_edit_is_reported_as_an_edit_naming_the_field(tiny_llama_dir, fp32_adapter, tmp_path, changes, match):
+    folder = _copy(fp32_adapter[0], tmp_path)
+    _edit_config(folder, **changes)
+    model, _ = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="fp32"))
+    with pytest.raises(ValueError, match=match + ".*restore the original file or export the adapter again$") as err:
+        attach_adapter(model, folder)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(folder / CONFIG_FILE))
+    with pytest.raises(ValueError, match=match):
+        read_adapter(folder)  # without a model too: `qvera inspect` reads it so
+
+
+def test_an_adapter_without_checksum_still_loads_and_names_an_edited_rank(fp32_adapter, tmp_path):
+    folder = _copy(fp32_adapter[0], tmp_path)
+    _old_style(folder)
+    assert read_adapter(folder).vectors.keys() == fp32_adapter[1].keys()
+    _edit_config(folder, rank=16)
+    with pytest.raises(
+        ValueError,
+        match=r"vectors.safetensors does not match qvera_adapter.json \(rank 16\): "
+        r"model.layers.0.mlp.down_proj.lambda_d is of shape \(8,\) in the vectors, of shape \(16,\) in",
+    ):
+        read_adapter(folder)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"format_version": "2"}, 'format_version is "2" \\(a string\\), expected an integer'),
+        ({"vectors": None}, "vectors is null, expected an object"),
+        ({"rank": 0}, "rank is 0 \\(an integer\\), expected a positive integer"),
+        ({"targets": []}, r"targets is \[\] \(a list\), expected an object mapping each layer name to \[out, in\]"),
+        ({"base_model__name": 7}, r"base_model.name is 7 \(an integer\), expected a string or null"),
+        ({"projections__A": "big"}, r'projections.A is "big" \(a string\), expected \[rank, in\] or null'),
+    ],
+    ids=["format_version", "vectors", "rank", "targets", "base-name", "projections"],
+)
+def test_a_field_of_the_wrong_type_fails_in_one_line_naming_it(fp32_adapter, tmp_path, changes, match):
+    folder = _copy(fp32_adapter[0], tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises(
+        ValueError, match=f"^{re.escape(str(folder / CONFIG_FILE))}: {match}; export the adapter again$"
+    ):
+        read_adapter(folder)
 
 
 def test_not_an_adapter_folder(tmp_path):

@@ -1,10 +1,13 @@
 """Loading bases: the built-in SmolLM2, local folders, quantization choices, bad names."""
 
+import time
+
 import bitsandbytes as bnb
 import pytest
 import torch
 
 import qvera
+import qvera.core.base
 from qvera.core.base import BUILTIN_SMOLLM2, builtin_smollm2_folder, smollm2_gguf_path
 
 
@@ -49,3 +52,21 @@ def test_4bit_weights_stored_as_bfloat16_for_fsdp(tiny_llama_dir):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
     assert model.model.layers[0].mlp.up_proj.lambda_b.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "offline, reachable, reason",
+    [
+        (True, True, "not in the hub cache, and HF_HUB_OFFLINE is set; pass a local folder or go online"),
+        (False, False, "not in the hub cache, and https://huggingface.co cannot be reached; pass a local folder"),
+    ],
+    ids=["HF_HUB_OFFLINE", "unreachable"],
+)
+def test_an_unknown_hub_model_fails_at_once_offline(monkeypatch, offline, reachable, reason):
+    monkeypatch.setattr(qvera.core.base, "is_offline_mode", lambda: offline)
+    monkeypatch.setattr(qvera.core.base, "hub_reachable", lambda: reachable)
+    monkeypatch.setattr(qvera.core.base.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("no retries"))
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=f"^cannot load model 'someone/no-such-model' .*: {reason}"):
+        qvera.load_base("someone/no-such-model")
+    assert time.perf_counter() - start < 1

@@ -129,6 +129,14 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
         conversations([ALPACA, {"instruction": 3, "output": "y"}], "alpaca", "x")
 
 
+def test_a_first_row_with_half_a_format_names_the_missing_field(tmp_path):
+    path = write(tmp_path / "alpaca.json", [{"instruction": "Say hi."}, ALPACA])
+    with pytest.raises(DataError, match=r"alpaca.json row 1: missing 'output' \(alpaca rows need 'instruction' and"):
+        load_conversations(DataConfig(path=path), seed=0)
+    with pytest.raises(DataError, match=r"^x row 1: missing 'prompt' \(prompt-completion rows need 'prompt' and"):
+        conversations([{"completion": "y"}], "auto", "x")
+
+
 def test_held_out_split_is_deterministic_and_disjoint(tmp_path):
     rows = [{**ALPACA, "output": str(i)} for i in range(40)]
     config = DataConfig(path=write(tmp_path / "d.json", rows), eval_fraction=0.1)

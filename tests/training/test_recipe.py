@@ -117,6 +117,72 @@ def test_script_rejects_bad_flags_and_configs_in_one_line(capsys, tmp_path):
     assert code == 2 and "none.yaml does not exist" in err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rank", "0"], "vera.rank must be at least 1, got 0"),
+        (["--rank", "-5"], "vera.rank must be at least 1, got -5"),
+        (["--d-initial", "nan"], "vera.d_initial must be a finite number, got nan"),
+        (["--learning-rate", "0"], "train.learning_rate must be above 0, got 0.0"),
+        (["--batch-size", "0"], "train.batch_size must be at least 1, got 0"),
+        (["--grad-accum", "-1"], "train.grad_accum must be at least 1, got -1"),
+        (["--eval-steps", "-1"], "train.eval_steps must be at least 0 (0: only at the end), got -1"),
+        (["--logging-steps", "0"], "train.logging_steps must be at least 1, got 0"),
+        (["--quantization", "nf3"], "model.quantization 'nf3' is unknown; use one of nf4, int8, bf16, fp32"),
+        (["--compute-dtype", "float8"], "model.compute_dtype 'float8' is unknown; use one of auto, bfloat16"),
+        (["--lr-scheduler", "cosin"], "train.lr_scheduler 'cosin' is unknown; use one of linear, cosine"),
+        (["--optimizer", "adam"], "train.optimizer 'adam' is unknown; use auto or a transformers optim name"),
+        (["--data", "missing.jsonl"], "data.path missing.jsonl does not exist; pass a .json, .jsonl or .parquet"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_script_rejects_every_value_checkable_without_the_model(capsys, flags, message):
+    code, _, err = run_script(capsys, *flags)
+    assert code == 2 and err.splitlines()[-1].split(": error: ", 1)[1].startswith(message)
+
+
+def test_script_rejects_an_output_folder_it_cannot_create_and_creates_nothing(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run_script(capsys, "--output-dir", str(blocker / "run"))
+    assert code == 2 and f"output folder {blocker / 'run'} is not writable ({blocker} is a file)" in err
+    assert sft_script().parse(["--output-dir", str(tmp_path / "new" / "run"), "--compute-dtype", "auto"])
+    assert not (tmp_path / "new").exists()  # checked, not created
+
+
+def test_yaml_values_of_the_wrong_type_are_named_with_file_and_field(capsys, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("vera:\n  rank: many\ntrain:\n  learning_rate: 4e-3\n")
+    with pytest.raises(ValueError, match=r"recipe.yaml \[vera\]: rank is 'many' \(a string\), expected an integer$"):
+        load_recipe(config)
+    code, _, err = run_script(capsys, "--config", str(config))
+    assert code == 2 and "recipe.yaml [vera]: rank is 'many' (a string), expected an integer" in err
+    config.write_text("vera:\n  rank: 8\ntrain:\n  learning_rate: 4e-3\n  resume: maybe\n")
+    with pytest.raises(ValueError, match=r"\[train\]: resume is 'maybe' \(a string\), expected a boolean$"):
+        load_recipe(config)
+    config.write_text("train:\n  learning_rate: 4e-3\n")  # PyYAML reads 4e-3 as a string
+    assert load_recipe(config).train.learning_rate == 4e-3
+
+
+def test_flags_may_fix_what_the_yaml_gets_wrong(capsys, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("data:\n  path: not-here.jsonl\n")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert sft_script().parse(["--config", str(config), "--data", str(data)]).data.path == str(data)
+
+
+def test_a_failed_start_leaves_no_output_folder(capsys, tmp_path):
+    data = tmp_path / "alpaca.json"
+    data.write_text('[{"instruction": "Say hi."}]')
+    out = tmp_path / "runs" / "first"
+    assert sft_script().main(["--data", str(data), "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"sft.py: error: {data} row 1: missing 'output' (alpaca rows need 'instruction' and 'output')\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_script_without_arguments_runs_the_demo_recipe():
     recipe = sft_script().parse([])
     assert recipe == load_recipe(ROOT / "configs" / "demo.yaml")

@@ -203,13 +203,28 @@ def test_bad_setups_fail_before_the_model_loads(tiny_llama_dir, tmp_path, monkey
         build_trainer(replace(recipe, data=replace(recipe.data, path=str(bad_rows), format="prompt-completion")))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(PermissionError, match="output folder .* is not writable"):
+    with pytest.raises(ValueError, match=f"output folder {blocker / 'run'} is not writable \\({blocker} is a file\\)"):
         build_trainer(replace(recipe, train=replace(recipe.train, output_dir=str(blocker / "run"))))
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
         build_trainer(replace(recipe, train=replace(recipe.train, resume=True)))
+    with pytest.raises(ValueError, match="vera.rank must be at least 1, got 0"):
+        build_trainer(replace(recipe, vera=replace(recipe.vera, rank=0)))
+    assert not (tmp_path / "run").exists()  # no failed start left a folder behind
     monkeypatch.undo()
+    nested = replace(recipe.train, output_dir=str(tmp_path / "runs" / "run"))
     with pytest.raises(FileNotFoundError, match="cannot load model"):
-        build_trainer(replace(recipe, model=replace(recipe.model, name=str(tmp_path / "no-model"))), log=quiet)
+        build_trainer(replace(recipe, model=replace(recipe.model, name=str(tmp_path / "no-model")), train=nested))
+    assert not (tmp_path / "runs").exists()  # created by the failed start, so removed with it
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"cannot load model .*: the folder {tmp_path / 'empty'} has no config"):
+        build_trainer(replace(recipe, model=replace(recipe.model, name=str(tmp_path / "empty")), train=nested))
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "mine").mkdir()
+    nested = replace(recipe.train, output_dir=str(tmp_path / "mine" / "run"))
+    monkeypatch.setattr(qvera.training.trainer, "attach_vera", lambda *a: sys.exit("interrupted after the load"))
+    with pytest.raises(SystemExit):
+        build_trainer(replace(recipe, train=nested), log=quiet)
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "run").exists()  # only what it created
 
 
 def test_cpu_defaults_pick_plain_adamw_and_no_bf16_autocast(tiny_llama_dir, tmp_path):
