@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qvera.training.demo import compare
 from qvera.training.recipe import DEMO_DATA, SFTRecipe, parse_recipe
-from qvera.training.trainer import train
+from qvera.training.run import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 

@@ -11,6 +11,9 @@ of a 7B model at rank 512 is a few MB. Folder layout:
     vectors.safetensors  `<layer>.lambda_d` and `<layer>.lambda_b`, fp32 (or bf16), and
                          `<layer>.lambda_m` for DVoRA (magnitude) adapters
     README.md            a short model card
+
+Writer and reader of the format stay in this one module (over 300 lines): a change to either
+side is a change to the format, and belongs in one diff with its twin.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from qvera.core.bnb import is_4bit
 from qvera.core.hardware import detect
 from qvera.core.random_base import byte_tokenizer
 from qvera.training.data import FALLBACK_CHAT_TEMPLATE
-from qvera.training.trainer import train
+from qvera.training.run import train
 from tests.serving.test_generation import ROW_ADAPTERS, assert_rows_match_alone, model_with_bank
-from tests.training.test_trainer import tiny_recipe
+from tests.training.test_run import tiny_recipe
 
 pytestmark = [
     pytest.mark.cuda,

@@ -13,7 +13,7 @@ from qvera import ModelConfig, VeraConfig
 from qvera.adapters.format import read_adapter
 from qvera.core.attach import vera_layers
 from qvera.training.recipe import DataConfig, SFTRecipe, TrainConfig
-from qvera.training.trainer import build_trainer, train
+from qvera.training.run import build_trainer, train
 
 SCALES = {"lambda_d": 2.0, "lambda_b": 0.5, "lambda_m": 0.25}
 

@@ -21,13 +21,8 @@ from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.core.attach import vera_layers
 from qvera.training.data import DataError
 from qvera.training.recipe import DataConfig, SFTRecipe, TrainConfig, recipe_to_dict
-from qvera.training.trainer import (
-    CHECKPOINT_VECTORS,
-    build_trainer,
-    last_checkpoint,
-    train,
-    trainer_arguments,
-)
+from qvera.training.run import build_trainer, train
+from qvera.training.trainer import CHECKPOINT_VECTORS, last_checkpoint, trainer_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,12 +186,12 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_curve(tiny_llama_dir
 
 def test_bad_setups_fail_before_the_model_loads(tiny_llama_dir, tmp_path, monkeypatch):
     recipe = tiny_recipe(tiny_llama_dir, tmp_path)
-    import qvera.training.trainer
+    import qvera.training.run
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(qvera.training.trainer, "load_base", no_model)
+    monkeypatch.setattr(qvera.training.run, "load_base", no_model)
     bad_rows = tmp_path / "bad.jsonl"
     bad_rows.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(DataError, match="bad.jsonl row 1: missing 'completion'"):
@@ -221,7 +216,7 @@ def test_bad_setups_fail_before_the_model_loads(tiny_llama_dir, tmp_path, monkey
     assert not (tmp_path / "runs").exists()
     (tmp_path / "mine").mkdir()
     nested = replace(recipe.train, output_dir=str(tmp_path / "mine" / "run"))
-    monkeypatch.setattr(qvera.training.trainer, "attach_vera", lambda *a: sys.exit("interrupted after the load"))
+    monkeypatch.setattr(qvera.training.run, "attach_vera", lambda *a: sys.exit("interrupted after the load"))
     with pytest.raises(SystemExit):
         build_trainer(replace(recipe, train=nested), log=quiet)
     assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "run").exists()  # only what it created
@@ -237,7 +232,7 @@ WORKER = """
 import sys, torch, safetensors.torch
 sys.path.insert(0, {root!r})
 from qvera.core.attach import vector_state
-from qvera.training.trainer import train
+from qvera.training.run import train
 import pickle
 recipe = pickle.load(open({recipe!r}, "rb"))
 result, trainer = train(recipe, log=lambda *a: None)
