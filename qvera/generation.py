@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .invariance import generation_numerics
 from .model import vera_layers
 
 
@@ -98,9 +99,14 @@ def decode_steps(
     end_ids: set[int],
     pad_id: int,
     generator: torch.Generator | None = None,
+    batch_invariant: bool = False,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row is finished. A finished row keeps
-    feeding padding (its output is ignored): the batch shape never changes mid-batch."""
+    feeding padding (its output is ignored): the batch shape never changes mid-batch.
+
+    Attention always runs row by row, so padding never reaches a row's numbers; with
+    `batch_invariant` the matrix products run on fixed row tiles too, and a row's logits are
+    bit for bit those of the same prompt alone, in every dtype (see `qvera.invariance`)."""
     assert len(prompts) == len(sampling) and prompts and all(prompts), "one non-empty prompt per sampling"
     device = model.get_input_embeddings().weight.device
     width = max(len(p) for p in prompts)
@@ -120,9 +126,11 @@ def decode_steps(
     cache = DynamicCache(config=model.config)
     step_inputs, step_positions = ids, positions
     for produced in range(1, int(budget.max()) + 1):
-        out = model(
-            input_ids=step_inputs, attention_mask=mask, position_ids=step_positions, past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
+        with generation_numerics(model, batch_invariant):
+            out = model(
+                input_ids=step_inputs, attention_mask=mask, position_ids=step_positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
         logits = out.logits[:, -1].float()
         tokens = pick_tokens(logits, temperature, top_p, generator)
         active = ~finished
@@ -164,9 +172,10 @@ def generate(
     bank=None,
     sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
+    batch_invariant: bool = False,
 ) -> list[str]:
     """Reply to each conversation in one batch; row i runs with adapter `adapters[i]` from
-    `bank` (None: the base)."""
+    `bank` (None: the base). `batch_invariant`: see `decode_steps`."""
     if adapters is not None and bank is None:
         raise ValueError("adapters were named but no AdapterBank was given; pass bank=AdapterBank(model)")
     if adapters is not None and len(adapters) != len(conversations):
@@ -174,7 +183,8 @@ def generate(
     prompts = [chat_prompt(tokenizer, messages) for messages in conversations]
     streams = [TextStream(tokenizer) for _ in prompts]
     with bank.mixed_batch(adapters) if adapters is not None else nullcontext():
-        steps = decode_steps(model, prompts, [sampling] * len(prompts), end_token_ids(model, tokenizer), tokenizer.pad_token_id, generator)
+        end_ids, pad_id = end_token_ids(model, tokenizer), tokenizer.pad_token_id
+        steps = decode_steps(model, prompts, [sampling] * len(prompts), end_ids, pad_id, generator, batch_invariant)
         for step in steps:
             for row, token in step.text_tokens():
                 streams[row].push(token)
@@ -188,6 +198,7 @@ def reply_batch(
     adapter_folders: list[str | None],
     system: str | None = None,
     sampling: Sampling = GREEDY,
+    batch_invariant: bool = False,
 ) -> list[str]:
     """Answer each prompt with its own adapter folder (None: the base), all in one mixed batch."""
     from .adapters import attach_adapter, check_fits, read_adapter
@@ -200,12 +211,12 @@ def reply_batch(
         attach_adapter(model, next(iter(adapters.values())))  # A and B as the adapters were trained
     conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompts]
     if not vera_layers(model):
-        return generate(model, tokenizer, conversations, sampling=sampling)
+        return generate(model, tokenizer, conversations, sampling=sampling, batch_invariant=batch_invariant)
     bank = AdapterBank(model, dtype=model.dtype)
     for folder, adapter in adapters.items():
         check_fits(adapter, model, source=folder)
         bank.add(folder, adapter.vectors)
-    return generate(model, tokenizer, conversations, adapter_folders, bank, sampling)
+    return generate(model, tokenizer, conversations, adapter_folders, bank, sampling, batch_invariant=batch_invariant)
 
 
 class Chat:
