@@ -21,6 +21,7 @@ from qvera.adapters.format import read_adapter
 from qvera.adapters.loading import attach_adapter
 from qvera.core.attach import vera_layers
 from qvera.serving.bank import AdapterBank
+from qvera.serving.invariance import generation_numerics
 
 
 @dataclass
@@ -102,9 +103,14 @@ def decode_steps(
     end_ids: set[int],
     pad_id: int,
     generator: torch.Generator | None = None,
+    batch_invariant: bool = False,
 ) -> Iterator[Step]:
     """Yield one `Step` per new token until every row is finished. A finished row keeps
-    feeding padding (its output is ignored): the batch shape never changes mid-batch."""
+    feeding padding (its output is ignored): the batch shape never changes mid-batch.
+
+    Attention always runs row by row, so padding never reaches a row's numbers; with
+    `batch_invariant` the matrix products run on fixed row tiles too, and a row's logits are
+    bit for bit those of the same prompt alone, in every dtype (see `qvera.serving.invariance`)."""
     assert len(prompts) == len(sampling) and prompts and all(prompts), "one non-empty prompt per sampling"
     device = model.get_input_embeddings().weight.device
     width = max(len(p) for p in prompts)
@@ -124,14 +130,15 @@ def decode_steps(
     cache = DynamicCache(config=model.config)
     step_inputs, step_positions = ids, positions
     for produced in range(1, int(budget.max()) + 1):
-        out = model(
-            input_ids=step_inputs,
-            attention_mask=mask,
-            position_ids=step_positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with generation_numerics(model, batch_invariant):
+            out = model(
+                input_ids=step_inputs,
+                attention_mask=mask,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         logits = out.logits[:, -1].float()
         tokens = pick_tokens(logits, temperature, top_p, generator)
         active = ~finished
@@ -173,9 +180,10 @@ def generate(
     bank=None,
     sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
+    batch_invariant: bool = False,
 ) -> list[str]:
     """Reply to each conversation in one batch; row i runs with adapter `adapters[i]` from
-    `bank` (None: the base)."""
+    `bank` (None: the base). `batch_invariant`: see `decode_steps`."""
     if adapters is not None and bank is None:
         raise ValueError("adapters were named but no AdapterBank was given; pass bank=AdapterBank(model)")
     if adapters is not None and len(adapters) != len(conversations):
@@ -185,14 +193,8 @@ def generate(
     prompts = [chat_prompt(tokenizer, messages) for messages in conversations]
     streams = [TextStream(tokenizer) for _ in prompts]
     with bank.mixed_batch(adapters) if adapters is not None else nullcontext():
-        steps = decode_steps(
-            model,
-            prompts,
-            [sampling] * len(prompts),
-            end_token_ids(model, tokenizer),
-            tokenizer.pad_token_id,
-            generator,
-        )
+        end_ids, pad_id = end_token_ids(model, tokenizer), tokenizer.pad_token_id
+        steps = decode_steps(model, prompts, [sampling] * len(prompts), end_ids, pad_id, generator, batch_invariant)
         for step in steps:
             for row, token in step.text_tokens():
                 streams[row].push(token)
@@ -206,6 +208,7 @@ def reply_batch(
     adapter_folders: list[str | None],
     system: str | None = None,
     sampling: Sampling = GREEDY,
+    batch_invariant: bool = False,
 ) -> list[str]:
     """Answer each prompt with its own adapter folder (None: the base), all in one mixed batch."""
     if len(adapter_folders) != len(prompts):
@@ -219,12 +222,12 @@ def reply_batch(
         ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompts
     ]
     if not vera_layers(model):
-        return generate(model, tokenizer, conversations, sampling=sampling)
+        return generate(model, tokenizer, conversations, sampling=sampling, batch_invariant=batch_invariant)
     bank = AdapterBank(model, dtype=model.dtype)
     for folder, adapter in adapters.items():
         check_fits(adapter, model, source=folder)
         bank.add(folder, adapter.vectors)
-    return generate(model, tokenizer, conversations, adapter_folders, bank, sampling)
+    return generate(model, tokenizer, conversations, adapter_folders, bank, sampling, batch_invariant=batch_invariant)
 
 
 class Chat:

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_llama
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters.format import save_adapter
@@ -22,6 +24,7 @@ from qvera.serving.generation import (
     pick_tokens,
     reply_batch,
 )
+from qvera.serving.invariance import FixedRowTiles, row_attention_forward
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name three colours of the rainbow, please."}],
@@ -30,6 +33,20 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
 ]
 ROW_ADAPTERS = ["a", None, "b", "b"]
+PHOTOSYNTHESIS = (
+    "Photosynthesis is the process by which green plants, algae and some bacteria turn light energy into "
+    "chemical energy. Inside the chloroplasts, chlorophyll absorbs mostly red and blue light, and the energy "
+    "splits water into oxygen, protons and electrons. The electrons pass along a chain of proteins that pumps "
+    "protons, and the gradient drives ATP synthase. In the Calvin cycle, the enzyme RuBisCO fixes carbon dioxide "
+    "into sugars using ATP and NADPH. "
+)
+# Prompts of about 30, 130 and 40 tokens: the short rows carry long runs of left padding.
+SPREAD_CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": PHOTOSYNTHESIS + "Summarise the text above in one sentence."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What does RuBisCO do in a leaf?"}],
+]
+SPREAD_ADAPTERS = ["a", None, "a"]
 
 
 def random_vectors(model, seed):
@@ -56,39 +73,70 @@ def fp32_setup(tiny_fp32_dir):
     return model_with_bank(tiny_fp32_dir, "fp32")
 
 
-def run_steps(model, tokenizer, conversations, max_new_tokens=6):
+@pytest.fixture(scope="module")
+def smollm2_bf16_setup(smollm2_dir):
+    """The real SmolLM2 in NF4 with bf16 compute, VeRA attached, adapter `a` in a bank."""
+    model, tokenizer = load_base("smollm2-135m")
+    assert model.dtype == torch.bfloat16
+    attach_vera(model, VeraConfig(rank=16, projection_seed=3))
+    bank = AdapterBank(model)
+    generator = torch.Generator().manual_seed(1)
+    # Small vectors: the adapter moves the logits without drowning the base model's reply.
+    bank.add("a", {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in vector_state(model).items()})
+    return model, tokenizer, bank
+
+
+def run_steps(model, tokenizer, conversations, max_new_tokens=6, batch_invariant=False):
     prompts = [chat_prompt(tokenizer, m) for m in conversations]
     sampling = [Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)] * len(prompts)
-    return list(decode_steps(model, prompts, sampling, end_token_ids(model, tokenizer), tokenizer.pad_token_id))
+    end_ids = end_token_ids(model, tokenizer)
+    steps = decode_steps(model, prompts, sampling, end_ids, tokenizer.pad_token_id, batch_invariant=batch_invariant)
+    return list(steps)
 
 
-def assert_rows_match_alone(model, tokenizer, bank, atol, rtol, steps):
+def assert_rows_match_alone(
+    model,
+    tokenizer,
+    bank,
+    atol,
+    rtol,
+    steps,
+    conversations=CONVERSATIONS,
+    row_adapters=ROW_ADAPTERS,
+    batch_invariant=False,
+):
     """Row i of the mixed batch against conversation i run alone with its adapter activated."""
-    lengths = {len(chat_prompt(tokenizer, m)) for m in CONVERSATIONS}
+    lengths = {len(chat_prompt(tokenizer, m)) for m in conversations}
     assert len(lengths) > 2, "the batch must hold prompts of different lengths (so, padding)"
-    with bank.mixed_batch(ROW_ADAPTERS):
-        mixed = run_steps(model, tokenizer, CONVERSATIONS, steps)
-    for row, (messages, name) in enumerate(zip(CONVERSATIONS, ROW_ADAPTERS)):
+    with bank.mixed_batch(row_adapters):
+        mixed = run_steps(model, tokenizer, conversations, steps, batch_invariant)
+    for row, (messages, name) in enumerate(zip(conversations, row_adapters)):
         bank.activate(name)
-        alone = run_steps(model, tokenizer, [messages], steps)
+        alone = run_steps(model, tokenizer, [messages], steps, batch_invariant)
         assert len(alone) == len(mixed)
+        assert [s.tokens[0].item() for s in alone] == [s.tokens[row].item() for s in mixed], f"row {row}"
         for step_alone, step_mixed in zip(alone, mixed):
-            assert step_mixed.tokens[row] == step_alone.tokens[0]
             torch.testing.assert_close(step_mixed.logits[row], step_alone.logits[0], atol=atol, rtol=rtol)
     bank.activate(None)
-    # Rows 1 and 3 hold the same prompt, base against adapter b: the adapter must matter.
+    return mixed
+
+
+def assert_adapter_matters(mixed, atol):
+    """Rows 1 and 3 of CONVERSATIONS hold the same prompt, base against adapter b."""
     assert (mixed[0].logits[1] - mixed[0].logits[3]).abs().max() > 10 * atol
 
 
 def test_mixed_batch_rows_equal_each_prompt_alone_fp32(fp32_setup):
     model, tokenizer, bank = fp32_setup
-    assert_rows_match_alone(model, tokenizer, bank, atol=1e-5, rtol=0, steps=6)
+    assert_adapter_matters(assert_rows_match_alone(model, tokenizer, bank, atol=1e-5, rtol=0, steps=6), 1e-5)
 
 
 def test_mixed_batch_rows_equal_each_prompt_alone_nf4(tmp_path):
     model, tokenizer, bank = model_with_bank(save_tiny_llama(tmp_path / "tiny"), "nf4")
     # bf16 compute: batched and single matmuls may round differently in the last bf16 bit.
-    assert_rows_match_alone(model, tokenizer, bank, atol=2e-2, rtol=1e-2, steps=2)
+    assert_adapter_matters(assert_rows_match_alone(model, tokenizer, bank, atol=2e-2, rtol=1e-2, steps=2), 2e-2)
+    # Batch-invariant: the very same bits.
+    assert_rows_match_alone(model, tokenizer, bank, atol=0, rtol=0, steps=2, batch_invariant=True)
     # Vectors resident in the compute dtype give the very same logits at half the memory.
     assert model.dtype == torch.bfloat16
     half = AdapterBank(model, dtype=model.dtype)
@@ -100,6 +148,67 @@ def test_mixed_batch_rows_equal_each_prompt_alone_nf4(tmp_path):
     with half.mixed_batch(ROW_ADAPTERS):
         half_steps = run_steps(model, tokenizer, CONVERSATIONS, 2)
     assert all(torch.equal(f.logits, h.logits) for f, h in zip(full_steps, half_steps))
+
+
+def test_batch_invariant_rows_equal_each_prompt_alone_smollm2_bf16(smollm2_bf16_setup):
+    """The real NF4 base in bf16: with batch_invariant, a row's tokens and logits are those of
+    its prompt alone, however much padding its batch-mates force on it."""
+    model, tokenizer, bank = smollm2_bf16_setup
+    lengths = [len(chat_prompt(tokenizer, m)) for m in SPREAD_CONVERSATIONS]
+    assert max(lengths) > 3 * min(lengths)
+    assert_rows_match_alone(
+        model, tokenizer, bank, 0, 0, 2, SPREAD_CONVERSATIONS, SPREAD_ADAPTERS, batch_invariant=True
+    )
+    with bank.mixed_batch([None, "a"]):  # the adapter must matter, or rows 0 and 2 prove nothing about it
+        base_and_adapter = run_steps(model, tokenizer, SPREAD_CONVERSATIONS[:1] * 2, 1, batch_invariant=True)
+    assert (base_and_adapter[0].logits[0] - base_and_adapter[0].logits[1]).abs().max() > 0.5
+
+
+def test_row_attention_gives_a_padded_row_what_it_gets_alone():
+    """Prefill and one decode query, grouped-query heads, bf16: each left-padded row attends
+    bit for bit as the same row unpadded through transformers' own SDPA path."""
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    generator = torch.Generator().manual_seed(0)
+    lengths, width = [41, 9], 41
+    padding = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.bool)
+
+    def states(heads, queries):
+        return torch.randn(len(lengths), heads, queries, 64, generator=generator).to(torch.bfloat16)
+
+    key, value = states(3, width), states(3, width)
+    for query in (states(9, width), states(9, 1)):  # prefill, then a decode step over the same keys
+        q_length = query.shape[2]
+        offset = width - q_length
+        mask = sdpa_mask(len(lengths), q_length, width, offset, attention_mask=padding, allow_is_causal_skip=False)
+        batched, _ = row_attention_forward(module, query, key, value, mask)
+        for row, n in enumerate(lengths):
+            queries = min(n, q_length)
+            row_query = query[row : row + 1, :, -queries:]
+            alone, _ = sdpa_attention_forward(
+                module, row_query, key[row : row + 1, :, -n:], value[row : row + 1, :, -n:], None
+            )
+            assert torch.equal(batched[row, -queries:], alone[0])
+            assert not batched[row, : q_length - queries].any()  # padding queries: zeros, never NaN
+
+
+def test_fixed_row_tiles_make_each_row_independent_of_the_others(smollm2_bf16_setup):
+    """Under FixedRowTiles a row's product (4-bit base layer, VeRA layer, bf16 output head) is
+    the same bits whether it comes alone or among 4, 31 or 100 rows."""
+    model, _, bank = smollm2_bf16_setup
+    layer = model.model.layers[0]
+    generator = torch.Generator().manual_seed(0)
+    bank.activate("a")
+    try:
+        for module in (layer.mlp.down_proj, layer.self_attn.q_proj, model.lm_head):
+            width = module.in_features
+            rows = torch.randn(100, width, generator=generator).to(torch.bfloat16)
+            with torch.no_grad(), FixedRowTiles():
+                alone = torch.cat([module(rows[i : i + 1]) for i in range(4)])
+                for count in (4, 31, 100):
+                    assert torch.equal(module(rows[:count][None])[0, :4], alone)
+    finally:
+        bank.activate(None)
 
 
 def test_decode_loop_matches_transformers_generate(fp32_setup):
