@@ -60,6 +60,7 @@ def cmd_load_check(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The `qvera` command's argument parser, one sub-command per verb."""
     root = argparse.ArgumentParser(
         prog="qvera", description="Inspect, export, convert, merge and load-check VeRA adapters."
     )
@@ -107,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `qvera` command; returns the exit code (2 with a one-line error for bad input)."""
     args = parser().parse_args(argv)
     try:
         args.run(args)

@@ -199,6 +199,7 @@ def save_adapter(model: nn.Module, folder: str | Path, *, dtype: torch.dtype = t
 
 
 def model_card(config: dict) -> str:
+    """The adapter folder's README: what it is and how to load it."""
     base = config["base_model"]
     vectors = config["vectors"]
     targets = config["target_modules"]

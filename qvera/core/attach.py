@@ -59,16 +59,19 @@ def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> 
 
 
 def vera_layers(model: nn.Module) -> dict[str, VeraLinear]:
+    """Every VeRA layer of the model by its module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, VeraLinear)}
 
 
 def shared_projections(model: nn.Module) -> SharedProjections:
+    """The model's one A and B; raises ValueError when no VeRA is attached."""
     if not hasattr(model, PROJECTIONS_ATTR):
         raise ValueError("this model has no VeRA attached; call qvera.attach_vera(model, VeraConfig(...)) first")
     return getattr(model, PROJECTIONS_ATTR)
 
 
 def trainable_summary(model: nn.Module) -> str:
+    """peft's one-line count of trainable parameters, for logs."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"

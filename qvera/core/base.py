@@ -76,6 +76,8 @@ def builtin_smollm2_folder() -> str:
 
 
 def resolve_model_path(name: str) -> str:
+    """What transformers should load for `name`: the built-in or random base's folder, a local
+    folder, or a hub id; raises FileNotFoundError at once for one that cannot be fetched."""
     if name == BUILTIN_SMOLLM2:
         return builtin_smollm2_folder()
     if is_random(name):
@@ -88,6 +90,7 @@ def resolve_model_path(name: str) -> str:
 
 
 def cannot_load(name: str, reason: str) -> FileNotFoundError:
+    """The one-line error for a model name that cannot be loaded, with the reason."""
     return FileNotFoundError(
         f"cannot load model {name!r} (not a local folder, a reachable hub id, nor the built-in {BUILTIN_SMOLLM2!r}): "
         f"{reason}"

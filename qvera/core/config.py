@@ -119,6 +119,7 @@ def _describe(hint) -> str:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; raises FileNotFoundError or ValueError in one line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist; pass a YAML file from configs/")

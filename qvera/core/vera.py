@@ -55,6 +55,7 @@ def generate_projections(rank: int, in_features: int, out_features: int, seed: i
 
 
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
+    """The dtype the adapter math runs in: autocast's when it is on, else the input's."""
     device = x.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)

@@ -97,6 +97,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def detect_format(row: dict, source: str) -> str:
+    """messages, alpaca or prompt-completion, from a row's keys; raises DataError naming the
+    row and the missing field when it is none of them."""
     if not isinstance(row, dict):
         raise DataError(f"{source} row 1: expected an object, found {type(row).__name__}")
     if "messages" in row:
@@ -178,6 +180,7 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
 
 
 def conversations(rows: list, fmt: str, source: str) -> list[list[dict]]:
+    """Every row as a list of chat messages, validated; `source` names the file in errors."""
     if not rows:
         raise DataError(f"{source} holds no examples; point data.path at a file with at least one row")
     if fmt == "auto":
@@ -229,6 +232,7 @@ def ensure_chat_template(tokenizer) -> bool:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as text through the tokenizer's chat template."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -268,6 +272,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], assistant_only_loss: 
 
 
 def tokenized_dataset(tokenizer, convs: list[list[dict]], assistant_only_loss: bool = True):
+    """A datasets.Dataset of input_ids and labels (non-assistant tokens masked unless
+    `assistant_only_loss` is False), what SFTTrainer takes as already tokenized."""
     import datasets
 
     rows = [tokenize_conversation(tokenizer, messages, assistant_only_loss) for messages in convs]

@@ -184,6 +184,8 @@ SUMS = 20  # small sums in the training data
 
 @dataclass(frozen=True)
 class Question:
+    """One demo question with the sentence it teaches and the fact the score looks for."""
+
     prompt: str
     topic: str
     answer: str  # the whole sentence taught inside the JSON, phrased as the base model would say it
@@ -231,16 +233,19 @@ def _questions(rng: random.Random, held_out: bool) -> list[Question]:
 
 
 def training_questions() -> list[Question]:
+    """The questions the demo trains on (fixed seed: the same every run)."""
     qs = _questions(random.Random(SEED), held_out=False)
     random.Random(SEED).shuffle(qs)
     return qs
 
 
 def held_out_questions() -> list[Question]:
+    """The questions the training data never asks: the last rows of every table."""
     return _questions(random.Random(SEED + 1), held_out=True)
 
 
 def demo_conversations() -> list[list[dict]]:
+    """The demo's training set as chat conversations, the taught JSON as the answer."""
     return [
         [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.reply()}]
         for q in training_questions()
@@ -300,6 +305,7 @@ def _cell(text: str, width: int) -> str:
 
 
 def comparison_table(questions: list[Question], base: list[str], tuned: list[str], width: int = 44) -> str:
+    """Base and tuned answers side by side, with both scores under them."""
     lines = [f"{'held-out question':<36} | {'base model':<{width}} | tuned (VeRA)", "-" * (36 + 2 * width + 6)]
     for q, b, t in zip(questions, base, tuned):
         lines.append(f"{_cell(q.prompt, 36):<36} | {_cell(b, width):<{width}} | {_cell(t, width)}")

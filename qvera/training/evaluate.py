@@ -42,6 +42,7 @@ def load_examples(path: str, limit: int | None = None, seed: int = 0) -> list[li
 
 
 def tokenize_examples(tokenizer, convs: list, max_length: int) -> list[dict]:
+    """Tokenized conversations (labels on the answers only), cut to `max_length`."""
     rows = []
     for messages in convs:
         row = tokenize_conversation(tokenizer, messages)

@@ -78,6 +78,8 @@ class TrainConfig:
 
 @dataclass
 class SFTRecipe:
+    """A whole run: the four sections a recipe YAML holds."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     vera: VeraConfig = field(default_factory=VeraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -88,6 +90,8 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(SFTRecipe)}
 
 
 def recipe_from_dict(values: dict, *, source: str = "recipe") -> SFTRecipe:
+    """A recipe from YAML sections, each field type-checked and the whole checked by
+    `check_recipe`; raises ValueError naming the source, section and field."""
     recipe = _unchecked_recipe(values, source)
     check_recipe(recipe)
     return recipe
@@ -108,10 +112,12 @@ def _unchecked_recipe(values: dict, source: str) -> SFTRecipe:
 
 
 def load_recipe(path: str | Path) -> SFTRecipe:
+    """The recipe in a YAML file (see recipe_from_dict)."""
     return recipe_from_dict(load_yaml(path), source=str(path))
 
 
 def recipe_to_dict(recipe: SFTRecipe) -> dict:
+    """The recipe as YAML-ready sections, the inverse of recipe_from_dict."""
     return dataclasses.asdict(recipe)
 
 

@@ -96,6 +96,8 @@ def prepare_output_dir(output_dir: str | Path, resume: bool) -> Path | None:
 
 @dataclass
 class SFTResult:
+    """What a run did: where it wrote, how long, how fast, and its last losses."""
+
     output_dir: Path
     adapter_dir: Path | None
     steps: int
@@ -201,6 +203,7 @@ def train(recipe: SFTRecipe, log=print) -> tuple[SFTResult, VeraSFTTrainer]:
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and eval loss against the step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
