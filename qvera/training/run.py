@@ -126,11 +126,11 @@ class SFTResult:
 
 
 def build_trainer(recipe: SFTRecipe, log=print):
-    """Validate everything cheap first (the recipe, the compute dtype, the data, the output
+    """Validate everything cheap first (the recipe, the data, the compute dtype, the output
     folder), then load the model; a start that fails removes the output folder if it created it."""
     check_recipe(recipe)
-    compute_dtype(recipe.model.compute_dtype)  # an impossible dtype fails here, before any loading
     train_convs, eval_convs = load_conversations(recipe.data, recipe.train.seed)
+    compute_dtype(recipe.model.compute_dtype)  # an impossible dtype fails here, before any loading
     created = first_missing_folder(recipe.train.output_dir)
     checkpoint = prepare_output_dir(recipe.train.output_dir, recipe.train.resume)
     try:
