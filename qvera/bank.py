@@ -96,25 +96,39 @@ class AdapterBank:
     def bytes_per_adapter(self) -> int:
         return sum(t.numel() * t.element_size() for t in next(iter(self.adapters.values())).values()) if self.adapters else 0
 
-    @contextmanager
-    def mixed_batch(self, row_adapters: list[str | None]):
-        """Within this context each batch row runs with its own adapter (None: the base)."""
+    def gather(self, row_adapters: list[str | None]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the (d, b) of every row stacked (zeros for None, the base): what a mixed
+        batch sets as each layer's `row_vectors`. A server keeps these while its rows stay."""
         for name in row_adapters:
             if name is not None:
                 self._require(name)
         self.touch(row_adapters)
+        gathered = {}
+        for layer_name, layer in self.layers.items():
+            d_rows, b_rows = [], []
+            for name in row_adapters:
+                if name is None:
+                    d_rows.append(torch.zeros_like(layer.lambda_d, dtype=self.dtype))
+                    b_rows.append(torch.zeros_like(layer.lambda_b, dtype=self.dtype))
+                else:
+                    d_rows.append(self.adapters[name][f"{layer_name}.lambda_d"])
+                    b_rows.append(self.adapters[name][f"{layer_name}.lambda_b"])
+            gathered[layer_name] = (torch.stack(d_rows), torch.stack(b_rows))
+        return gathered
+
+    @contextmanager
+    def rows(self, gathered: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """Within this context each batch row runs with the vectors `gather` stacked for it."""
         try:
             for layer_name, layer in self.layers.items():
-                d_rows, b_rows = [], []
-                for name in row_adapters:
-                    if name is None:
-                        d_rows.append(torch.zeros_like(layer.lambda_d, dtype=self.dtype))
-                        b_rows.append(torch.zeros_like(layer.lambda_b, dtype=self.dtype))
-                    else:
-                        d_rows.append(self.adapters[name][f"{layer_name}.lambda_d"])
-                        b_rows.append(self.adapters[name][f"{layer_name}.lambda_b"])
-                layer.row_vectors = (torch.stack(d_rows), torch.stack(b_rows))
+                layer.row_vectors = gathered[layer_name]
             yield
         finally:
             for layer in self.layers.values():
                 layer.row_vectors = None
+
+    @contextmanager
+    def mixed_batch(self, row_adapters: list[str | None]):
+        """Within this context each batch row runs with its own adapter (None: the base)."""
+        with self.rows(self.gather(row_adapters)):
+            yield
