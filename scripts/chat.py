@@ -5,7 +5,7 @@
     python scripts/chat.py --prompt "Hi" --adapter a/ --prompt "Hi" --adapter none   # one batch, JSON lines
 
 In the chat: /reset clears the history, /adapter FOLDER switches adapter (/adapter none: the
-base), /exit (or Ctrl-D) leaves.
+base), /exit (or Ctrl-D) leaves. Ctrl-C stops the reply being written; the conversation goes on.
 """
 
 import argparse
@@ -19,10 +19,14 @@ from qvera.generation import Chat, Sampling, reply_batch
 def main() -> None:
     defaults, model_defaults = Sampling(), ModelConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=model_defaults.name, help="base: a local folder, a hub id or the built-in smollm2-135m")
+    parser.add_argument(
+        "--model", default=model_defaults.name, help="base: a local folder, a hub id or the built-in smollm2-135m"
+    )
     parser.add_argument("--quantization", default=model_defaults.quantization, choices=["nf4", "int8", "bf16", "fp32"])
     parser.add_argument(
-        "--adapter", action="append", default=[],
+        "--adapter",
+        action="append",
+        default=[],
         help="adapter folder (from save_adapter or training); without it, the base answers. With several "
         "--prompt, give one --adapter per prompt (`none`: the base)",
     )
@@ -31,7 +35,9 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument(
-        "--prompt", action="append", default=[],
+        "--prompt",
+        action="append",
+        default=[],
         help="answer this message and exit; repeated, all prompts run as one batch and each reply prints as a JSON line",
     )
     args = parser.parse_args()
@@ -41,7 +47,9 @@ def main() -> None:
     except ValueError as err:
         parser.error(str(err))
     if len(args.adapter) > 1 and len(args.adapter) != len(args.prompt):
-        parser.error(f"got {len(args.adapter)} --adapter for {len(args.prompt)} --prompt; give one per prompt, or one for all")
+        parser.error(
+            f"got {len(args.adapter)} --adapter for {len(args.prompt)} --prompt; give one per prompt, or one for all"
+        )
     model, tokenizer = load_base(ModelConfig(name=args.model, quantization=args.quantization))
     if len(args.prompt) > 1:
         names = args.adapter if len(args.adapter) > 1 else (args.adapter or ["none"]) * len(args.prompt)
@@ -78,9 +86,21 @@ def main() -> None:
             print(chat.command(line))
             continue
         if line.strip():
-            for piece in chat.reply(line):
-                print(piece, end="", flush=True)
-            print()
+            answer(chat, line)
+
+
+def answer(chat: Chat, line: str) -> None:
+    """Stream the reply; Ctrl-C stops it and keeps the conversation, the words so far included."""
+    before, pieces = len(chat.messages), []
+    try:
+        for piece in chat.reply(line):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+    except KeyboardInterrupt:
+        print(" [stopped]", flush=True)
+        if len(chat.messages) == before:  # the turn had not entered the history yet
+            chat.messages += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(pieces)}]
 
 
 if __name__ == "__main__":

@@ -47,13 +47,15 @@ class ServeOptions:
 class Server:
     """The adapter store, the scheduler and the FastAPI app over them."""
 
-    def __init__(self, model: nn.Module, tokenizer, adapters_folder: str | Path, options: ServeOptions = ServeOptions()):
-        self.tokenizer, self.options = tokenizer, options
+    def __init__(self, model: nn.Module, tokenizer, adapters_folder: str | Path, options: ServeOptions | None = None):
+        self.tokenizer, self.options = tokenizer, options or ServeOptions()
+        options = self.options
         self.base_name = public_name(getattr(model, "qvera_base_name", None) or "base")
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.store = AdapterStore(model, adapters_folder, options.max_resident)
-        self.scheduler = Scheduler(model, tokenizer, self.store, max_batch_size=options.max_batch_size,
-                                   prefill_tokens=options.prefill_tokens)
+        self.scheduler = Scheduler(
+            model, tokenizer, self.store, max_batch_size=options.max_batch_size, prefill_tokens=options.prefill_tokens
+        )
         self.app = self._routes(FastAPI(title="qvera", docs_url=None, redoc_url=None, openapi_url=None))
         self.uvicorn: uvicorn.Server | None = None
 
@@ -99,13 +101,17 @@ class Server:
 
         @app.exception_handler(HTTPException)
         async def http_error(request, err: HTTPException):
-            message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+            message = (
+                f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+            )
             return JSONResponse(RequestError(err.status_code, message).body(), status_code=err.status_code)
 
         @app.exception_handler(Exception)
         async def unexpected(request, err: Exception):
             print(traceback.format_exc(), file=sys.stderr, flush=True)
-            return JSONResponse(RequestError(500, "internal error; the server log has the details").body(), status_code=500)
+            return JSONResponse(
+                RequestError(500, "internal error; the server log has the details").body(), status_code=500
+            )
 
         @app.get("/health")
         async def health():
@@ -146,7 +152,9 @@ class Server:
     def _authorize(self, request: Request) -> None:
         key = self.options.api_key
         if key and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
-            raise RequestError(401, "missing or wrong API key; send the header Authorization: Bearer <key>", code="invalid_api_key")
+            raise RequestError(
+                401, "missing or wrong API key; send the header Authorization: Bearer <key>", code="invalid_api_key"
+            )
 
     async def _read_json(self, request: Request):
         limit = self.options.max_body_bytes
@@ -177,8 +185,11 @@ class Server:
             self.scheduler.submit(job)
         reply = Reply(parsed)
         if parsed.stream:
-            return StreamingResponse(self._stream(parsed, reply, jobs, events), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self._stream(parsed, reply, jobs, events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return await self._complete(request, parsed, reply, jobs, events)
 
     def _jobs(self, parsed: Parsed, adapter: str | None, events: asyncio.Queue, loop) -> list[Job]:
@@ -188,7 +199,18 @@ class Server:
             for j in range(parsed.n):
                 emit = _emitter(loop, events, len(jobs))
                 seed = None if parsed.seed is None else parsed.seed + j
-                jobs.append(Job(prompt, adapter, parsed.sampling, emit, parsed.stop, seed, parsed.logprobs, self.options.request_timeout))
+                jobs.append(
+                    Job(
+                        prompt,
+                        adapter,
+                        parsed.sampling,
+                        emit,
+                        parsed.stop,
+                        seed,
+                        parsed.logprobs,
+                        self.options.request_timeout,
+                    )
+                )
         return jobs
 
     async def _complete(self, request: Request, parsed: Parsed, reply: Reply, jobs: list[Job], events: asyncio.Queue):
@@ -250,7 +272,10 @@ class Server:
     def metrics(self) -> str:
         stats, load = self.scheduler.stats, self.scheduler.load()
         lines = [f"qvera_requests_{name} {value}" for name, value in load.items()]
-        lines += [f"qvera_{name}_total {getattr(stats, name)}" for name in ("decode_steps", "prefill_steps", "tokens", "finished", "cancelled", "failed")]
+        lines += [
+            f"qvera_{name}_total {getattr(stats, name)}"
+            for name in ("decode_steps", "prefill_steps", "tokens", "finished", "cancelled", "failed")
+        ]
         for name in ("decode", "prefill"):
             times = sorted(getattr(stats, f"{name}_seconds"))
             if times:

@@ -23,7 +23,9 @@ class CacheRows:
         self.device = model.get_input_embeddings().weight.device
         self.cache = DynamicCache(config=model.config)
         if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
-            raise NotImplementedError("continuous batching needs full-attention layers; this model has sliding-window ones")
+            raise NotImplementedError(
+                "continuous batching needs full-attention layers; this model has sliding-window ones"
+            )
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
 
@@ -47,7 +49,12 @@ class CacheRows:
         position_ids = (self.positions[:, None] + offsets).clamp(min=0)
         mask = torch.cat([self.mask, new_mask], dim=1)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         self.mask, self.positions = mask, self.positions + new_mask.sum(-1)
         return out.logits[:, -1].float()
@@ -69,7 +76,10 @@ class CacheRows:
         index = torch.tensor(rows, device=self.device)
         mask = self.mask.index_select(0, index)
         first = int(mask.any(0).long().argmax()) if mask.any() else mask.shape[1]
-        layers = [(layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:]) for layer in self.cache.layers]
+        layers = [
+            (layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:])
+            for layer in self.cache.layers
+        ]
         self._rebuild(layers, mask[:, first:], self.positions.index_select(0, index))
 
     def add(self, taken: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], int]]) -> None:

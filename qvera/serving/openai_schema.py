@@ -15,8 +15,23 @@ from ..generation import Sampling, chat_prompt
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
-COMMON = {"model", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens", "stop", "seed", "logprobs",
-          "presence_penalty", "frequency_penalty", "logit_bias", "response_format", *IGNORED}
+COMMON = {
+    "model",
+    "stream",
+    "stream_options",
+    "n",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "seed",
+    "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    *IGNORED,
+}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 TEXT_FIELDS = COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_CHOICES, MAX_STOPS, MAX_TOP_LOGPROBS = 8, 4, 20
@@ -58,7 +73,9 @@ def parse(body, tokenizer, defaults: Sampling, context: int | None, chat: bool) 
     fields = CHAT_FIELDS if chat else TEXT_FIELDS
     unknown = sorted(set(body) - fields)
     if unknown:
-        raise RequestError(400, f"unsupported parameter {unknown[0]!r}; this endpoint supports {sorted(fields)}", unknown[0])
+        raise RequestError(
+            400, f"unsupported parameter {unknown[0]!r}; this endpoint supports {sorted(fields)}", unknown[0]
+        )
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise RequestError(400, "'model' must name an adapter or the base model (GET /v1/models lists them)", "model")
@@ -69,9 +86,8 @@ def parse(body, tokenizer, defaults: Sampling, context: int | None, chat: bool) 
         raise RequestError(400, "'logit_bias' is not supported", "logit_bias")
     if body.get("response_format") not in (None, {"type": "text"}):
         raise RequestError(400, "only response_format {'type': 'text'} is supported", "response_format")
-    if not chat:
-        if body.get("echo") or body.get("suffix") is not None:
-            raise RequestError(400, "'echo' and 'suffix' are not supported", "echo" if body.get("echo") else "suffix")
+    if not chat and (body.get("echo") or body.get("suffix") is not None):
+        raise RequestError(400, "'echo' and 'suffix' are not supported", "echo" if body.get("echo") else "suffix")
     n = _whole(body, "n", 1, 1, MAX_CHOICES)
     if not chat and body.get("best_of") not in (None, n):
         raise RequestError(400, "'best_of' must equal n when given", "best_of")
@@ -94,8 +110,18 @@ def parse(body, tokenizer, defaults: Sampling, context: int | None, chat: bool) 
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(400, f"'seed' must be a whole number, got {seed!r}", "seed")
-    return Parsed(chat, name, prompts, sampling, n, _stops(body.get("stop")), seed, _logprobs(body, chat), stream,
-                  bool(options.get("include_usage")))
+    return Parsed(
+        chat,
+        name,
+        prompts,
+        sampling,
+        n,
+        _stops(body.get("stop")),
+        seed,
+        _logprobs(body, chat),
+        stream,
+        bool(options.get("include_usage")),
+    )
 
 
 def _whole(body: dict, key: str, default: int, low: int, high: int) -> int:
@@ -118,7 +144,9 @@ def _sampling(body: dict, defaults: Sampling, chat: bool) -> Sampling:
             continue
         wanted = int if attr == "max_new_tokens" else (int, float)
         if isinstance(value, bool) or not isinstance(value, wanted):
-            raise RequestError(400, f"'{key}' must be a {'whole number' if wanted is int else 'number'}, got {value!r}", key)
+            raise RequestError(
+                400, f"'{key}' must be a {'whole number' if wanted is int else 'number'}, got {value!r}", key
+            )
         values[attr] = value
     try:
         return Sampling(**{**defaults.__dict__, **values})
@@ -155,7 +183,9 @@ def _chat_prompts(body: dict, tokenizer) -> list[list[int]]:
             raise RequestError(400, f"messages[{i}] needs a role among {sorted(ROLES)}", "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise RequestError(400, f"messages[{i}].content: only text parts are supported", "messages")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
@@ -170,7 +200,12 @@ def _chat_prompts(body: dict, tokenizer) -> list[list[int]]:
 def _text_prompts(body: dict, tokenizer) -> list[list[int]]:
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or len(prompts) > MAX_CHOICES or not all(isinstance(p, str) for p in prompts):
+    if (
+        not isinstance(prompts, list)
+        or not prompts
+        or len(prompts) > MAX_CHOICES
+        or not all(isinstance(p, str) for p in prompts)
+    ):
         raise RequestError(400, f"'prompt' must be a string or a list of up to {MAX_CHOICES} strings", "prompt")
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     if not all(ids):
@@ -187,7 +222,14 @@ class Reply:
 
     def _envelope(self, choices: list, chunk: bool, **extra) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
     def completion(self, texts: list[str], reasons: list[str], logprobs: list[list | None], usage: dict) -> dict:
         choices = []
@@ -196,7 +238,9 @@ class Reply:
             choices.append({"index": index, **content, "logprobs": self.logprobs(entries), "finish_reason": reason})
         return self._envelope(choices, chunk=False, usage=usage)
 
-    def chunk(self, index: int, text: str | None, entries: list | None = None, reason: str | None = None, first=False) -> dict:
+    def chunk(
+        self, index: int, text: str | None, entries: list | None = None, reason: str | None = None, first=False
+    ) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "logprobs": self.logprobs(entries), "finish_reason": reason}
@@ -212,14 +256,25 @@ class Reply:
         if entries is None:
             return None
         if self.chat:
+
             def item(text, logprob):
                 return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-            return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in top]} for t, lp, top in entries]}
+            return {
+                "content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in top]} for t, lp, top in entries]
+            }
         offsets = [sum(len(t) for t, _, _ in entries[:i]) for i in range(len(entries))]
-        return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+        return {
+            "tokens": [t for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries],
+            "text_offset": offsets,
+        }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -11,7 +11,9 @@ import torch
 from ..generation import TextStream
 
 
-def pick_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def pick_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator]
+) -> torch.Tensor:
     """Rows with temperature 0 take the argmax; the others sample from the smallest set of
     tokens whose probability reaches top_p (nucleus sampling), each with its own generator."""
     greedy = logits.argmax(-1)

@@ -18,8 +18,8 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -79,9 +79,13 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, model: nn.Module, tokenizer, store: AdapterStore, *, max_batch_size: int = 32, prefill_tokens: int = 256):
+    def __init__(
+        self, model: nn.Module, tokenizer, store: AdapterStore, *, max_batch_size: int = 32, prefill_tokens: int = 256
+    ):
         if max_batch_size < 1 or prefill_tokens < 1:
-            raise ValueError(f"max_batch_size and prefill_tokens must be at least 1, got {max_batch_size} and {prefill_tokens}")
+            raise ValueError(
+                f"max_batch_size and prefill_tokens must be at least 1, got {max_batch_size} and {prefill_tokens}"
+            )
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch_size, self.prefill_tokens = max_batch_size, prefill_tokens
         self.end_ids = end_token_ids(model, tokenizer)
@@ -96,7 +100,7 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="qvera-scheduler", daemon=True)
         self._stopping = threading.Event()
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self.thread.start()
         return self
 
@@ -109,7 +113,11 @@ class Scheduler:
         self.inbox.put(job)
 
     def load(self) -> dict:
-        return {"waiting": len(self.waiting) + self.inbox.qsize(), "prefilling": len(self.prefill_rows), "running": len(self.running_rows)}
+        return {
+            "waiting": len(self.waiting) + self.inbox.qsize(),
+            "prefilling": len(self.prefill_rows),
+            "running": len(self.running_rows),
+        }
 
     # --- the worker ----------------------------------------------------------------------
 
@@ -174,7 +182,14 @@ class Scheduler:
                     self.stats.cancelled += 1
                     gone.add(i)
                 elif row.job.timeout is not None and now - row.job.arrived > row.job.timeout:
-                    row.job.emit(("error", RequestError(504, f"the reply took longer than the server's limit of {row.job.timeout:g} s")))
+                    row.job.emit(
+                        (
+                            "error",
+                            RequestError(
+                                504, f"the reply took longer than the server's limit of {row.job.timeout:g} s"
+                            ),
+                        )
+                    )
                     gone.add(i)
             if gone:
                 self._remove(prefill, gone)

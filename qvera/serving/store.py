@@ -31,7 +31,9 @@ class AdapterStore:
         self.model, self.folder = model, Path(folder)
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         if not self.folder.is_dir():
-            raise FileNotFoundError(f"adapters folder {self.folder} does not exist; create it and save adapters into it")
+            raise FileNotFoundError(
+                f"adapters folder {self.folder} does not exist; create it and save adapters into it"
+            )
         self.lock = threading.Lock()
         self.verdicts: dict[str, tuple[int, str | None]] = {}  # name -> (description's mtime, why unservable)
         self.pins: Counter[str] = Counter()
@@ -60,12 +62,16 @@ class AdapterStore:
             if name.startswith(".") or "/" in name or "\\" in name or not (self.folder / name / CONFIG_FILE).is_file():
                 known = [n for n in self._visible() if self._verdict(n) is None]
                 raise RequestError(
-                    404, f"the model {name!r} does not exist; available adapters: {', '.join(known[:10]) or 'none'}",
-                    "model", "model_not_found",
+                    404,
+                    f"the model {name!r} does not exist; available adapters: {', '.join(known[:10]) or 'none'}",
+                    "model",
+                    "model_not_found",
                 )
             why = self._verdict(name, warn=True)
             if why is not None:
-                raise RequestError(400, f"adapter {name!r} cannot be served on this base: {why}", "model", "adapter_mismatch")
+                raise RequestError(
+                    400, f"adapter {name!r} cannot be served on this base: {why}", "model", "adapter_mismatch"
+                )
 
     def acquire(self, name: str | None) -> bool:
         """Make the adapter resident and hold it there until `release`; False when every
@@ -95,7 +101,9 @@ class AdapterStore:
     # --- reading and checking ------------------------------------------------------------
 
     def _visible(self) -> list[str]:
-        return sorted(p.name for p in self.folder.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
+        return sorted(
+            p.name for p in self.folder.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()
+        )
 
     def _skipped_at_start(self) -> list[tuple[str, str]]:
         skipped = []
@@ -150,7 +158,9 @@ class AdapterStore:
                 errors.append(err.message)
                 continue
             config = adapter.vera_config
-            fitting.setdefault((config.rank, config.seed, config.d_initial, tuple(config.target_modules)), []).append(adapter)
+            fitting.setdefault((config.rank, config.seed, config.d_initial, tuple(config.target_modules)), []).append(
+                adapter
+            )
         if not fitting:
             raise ValueError(f"no adapter in {self.folder} fits this base; the first says: {errors[0]}")
         return max(fitting.values(), key=len)[0]

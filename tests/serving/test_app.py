@@ -17,7 +17,10 @@ from qvera.generation import Sampling, generate
 from qvera.serving.app import ServeOptions, Server
 
 ADAPTERS = ["alpha", "beta", "gamma", "delta"]
-QUESTIONS = [[{"role": "user", "content": "Tell me about rivers."}], [{"role": "user", "content": "Name three lakes. " * 9}]]
+QUESTIONS = [
+    [{"role": "user", "content": "Tell me about rivers."}],
+    [{"role": "user", "content": "Name three lakes. " * 9}],
+]
 MAX_TOKENS = 6
 KEY = "secret-key"
 
@@ -53,7 +56,9 @@ def served(tmp_path_factory):
         for i, question in enumerate(QUESTIONS):
             expected[name, i] = generate(reference, tokenizer, [question], sampling=greedy)[0]
     for i in range(len(QUESTIONS)):
-        assert len({expected[n, i] for n in ["base", *ADAPTERS]}) == 1 + len(ADAPTERS), "the adapters must change the replies"
+        assert len({expected[n, i] for n in ["base", *ADAPTERS]}) == 1 + len(ADAPTERS), (
+            "the adapters must change the replies"
+        )
 
     served_model, tokenizer = load_base(ModelConfig(name=base, quantization="fp32"))
     options = ServeOptions(max_resident=3, prefill_tokens=16, api_key=KEY, max_body_bytes=100_000)
@@ -99,7 +104,7 @@ def wait_for(condition, seconds=20):
 
 
 def test_models_lists_only_servable_adapters(served):
-    server, client, _, root = served
+    _, client, _, root = served
     assert [m.id for m in client.models.list()] == ["base", "alpha", "beta", "delta", "gamma"]
     assert client.models.retrieve("beta").id == "beta"
     for hidden_or_foreign in ["foreign", ".alpha.old-1234"]:
@@ -144,10 +149,12 @@ def test_official_client_passes_stop_seed_logprobs_and_user(served):
     stopped = ask(client, "gamma", stop=[stop, "never-said"], user="someone")
     assert stopped.choices[0].message.content == full[: full.index(stop)] and stopped.choices[0].finish_reason == "stop"
 
-    sampled = dict(temperature=1.0, top_p=1.0, max_tokens=12)
-    first, busy, again, other = run_concurrently(
-        lambda: ask(client, "delta", seed=7, **sampled), lambda: ask(client, "alpha", 1, max_tokens=30),
-        lambda: ask(client, "delta", seed=7, **sampled), lambda: ask(client, "delta", seed=8, **sampled),
+    sampled = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 12}
+    first, _, again, other = run_concurrently(
+        lambda: ask(client, "delta", seed=7, **sampled),
+        lambda: ask(client, "alpha", 1, max_tokens=30),
+        lambda: ask(client, "delta", seed=7, **sampled),
+        lambda: ask(client, "delta", seed=8, **sampled),
     )
     assert first.choices[0].message.content == again.choices[0].message.content != other.choices[0].message.content
 
@@ -172,7 +179,11 @@ def test_api_key_body_limit_and_routes(served):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0).models.list()
     assert httpx.get(str(client.base_url).replace("/v1/", "/health")).json()["status"] == "ok"  # open to probes
-    reply = post(client, "chat/completions", json.dumps({"model": "alpha", "messages": QUESTIONS[0], "x": "a" * 200_000}).encode())
+    reply = post(
+        client,
+        "chat/completions",
+        json.dumps({"model": "alpha", "messages": QUESTIONS[0], "x": "a" * 200_000}).encode(),
+    )
     assert reply.status_code == 413 and "limit of 100,000 bytes" in reply.json()["error"]["message"]
     assert post(client, "nowhere", b"{}").status_code == 404
     foreign = post(client, "chat/completions", json.dumps({"model": "foreign", "messages": QUESTIONS[0]}).encode())
@@ -207,13 +218,20 @@ def test_a_client_that_hangs_up_cancels_its_generation(served):
     host, port = client.base_url.host, client.base_url.port
     cancelled = stats.cancelled
     with socket.create_connection((host, port)) as sock:  # not streaming
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         wait_for(lambda: server.scheduler.load()["running"] == 1)
     wait_for(lambda: stats.cancelled == cancelled + 1 and server.scheduler.load()["running"] == 0)
 
-    with httpx.stream("POST", f"{client.base_url}chat/completions", content=body.replace(b'"temperature"', b'"stream": true, "temperature"'),
-                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+    with httpx.stream(
+        "POST",
+        f"{client.base_url}chat/completions",
+        content=body.replace(b'"temperature"', b'"stream": true, "temperature"'),
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as response:
         lines = response.iter_lines()
         next(lines), next(lines)
     wait_for(lambda: stats.cancelled == cancelled + 2 and server.scheduler.load()["running"] == 0)

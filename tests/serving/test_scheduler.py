@@ -44,7 +44,9 @@ def test_stop_strings_cut_the_reply_and_hold_back_what_might_start_one(tiny_llam
     reply = ReplyText(tokenizer, ["sea,", "the moon"])
     sent = "".join(reply.push(token)[0] for token in tokenizer("Rivers flow to the")["input_ids"])
     assert sent == "Rivers flow to "  # "the" might begin "the moon": held back
-    pieces = [reply.push(token) for token in tokenizer(" sea, then rain falls.", add_special_tokens=False)["input_ids"][:3]]
+    pieces = [
+        reply.push(token) for token in tokenizer(" sea, then rain falls.", add_special_tokens=False)["input_ids"][:3]
+    ]
     assert "".join(p for p, _ in pieces) == "the " and pieces[-1][1]  # "sea," stopped the reply and is not sent
     assert reply.flush() == "" and reply.text == "Rivers flow to the "
 

@@ -20,7 +20,9 @@ def folder_and_base(tmp_path, tiny_llama_dir):
         attach_vera(model, VeraConfig(rank=rank, seed=3))
         for name in names:
             save_adapter(model, folder / name)
-    other, _ = load_base(ModelConfig(name=save_tiny_llama(tmp_path / "other", dtype=torch.float32, seed=1), quantization="fp32"))
+    other, _ = load_base(
+        ModelConfig(name=save_tiny_llama(tmp_path / "other", dtype=torch.float32, seed=1), quantization="fp32")
+    )
     save_adapter(attach_vera(other, VeraConfig(rank=16, seed=3)), folder / "foreign")
     shutil.copytree(folder / "one", folder / ".one.old-12")
     shutil.copytree(folder / "two", folder / ".two.tmp-34")
