@@ -91,16 +91,21 @@ class Client:
         }
         if stream:
             body["stream_options"] = {"include_usage": True}
+        if hang_up and not stream:  # send, wait a little, close: the reply never gets read
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            connection.request("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+            time.sleep(0.5)
+            connection.close()
+            return {"kind": "hang-up", "status": 200, "adapter": adapter}
         start = time.perf_counter()
         connection, response = self.post(json.dumps(body).encode())
         result = {"kind": "hang-up" if hang_up else "stream" if stream else "plain", "status": response.status}
+        result["adapter"] = adapter
         try:
             if response.status != 200:
                 response.read()
             elif stream:
                 self._read_stream(response, start, result, hang_up)
-            elif hang_up:
-                time.sleep(0.5)
             else:
                 reply = json.loads(response.read())
                 result.update(
@@ -148,7 +153,11 @@ def summarize(results: list[dict], seconds: float) -> dict:
     served = [r for r in results if r["kind"] in ("stream", "plain") and r["status"] == 200]
     ttft = [r["ttft_s"] for r in served if "ttft_s" in r]
     per_token = [r["per_token_s"] for r in served if "per_token_s" in r]
-    waits = [r["ttft_s"] - r["timing"]["prefill_s"] for r in served if "ttft_s" in r]
+    timed = [r for r in served if "ttft_s" in r]
+    # Waiting: TTFT less the request's own prefill phase (its first prefill forward to its first token).
+    waits = [r["ttft_s"] - (r["timing"]["first_token_s"] - r["timing"]["queued_s"]) for r in timed]
+    # Stricter: TTFT less only the prefill forwards it took part in (the decode steps between its chunks count too).
+    strict = [r["ttft_s"] - r["timing"]["prefill_s"] for r in timed]
     statuses: dict[str, int] = {}
     for r in results:
         statuses[f"{r['kind']} {r['status']}"] = statuses.get(f"{r['kind']} {r['status']}", 0) + 1
@@ -159,6 +168,7 @@ def summarize(results: list[dict], seconds: float) -> dict:
         "tokens_per_s": sum(r.get("tokens", 0) for r in served) / seconds,
         "ttft_s": {"p50": percentile(ttft, 0.5), "p95": percentile(ttft, 0.95)},
         "wait_beyond_own_prefill_s": {"p50": percentile(waits, 0.5), "p95": percentile(waits, 0.95)},
+        "wait_beyond_own_prefill_forwards_s": {"p50": percentile(strict, 0.5), "p95": percentile(strict, 0.95)},
         "per_token_s": {"p50": percentile(per_token, 0.5), "p95": percentile(per_token, 0.95)},
         "server_5xx": sum(1 for r in results if isinstance(r["status"], int) and r["status"] >= 500),
     }
@@ -215,6 +225,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=8, help="requests in the one-at-a-time phase")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--long-prompt-tokens", type=int, default=1500)
+    parser.add_argument("--prefill-tokens", type=int, default=128, help="the server's prompt tokens per prefill step")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds for the load phase, at most")
     parser.add_argument("--request-timeout", type=float, default=300)
     parser.add_argument("--json", help="also write the results here")
@@ -237,8 +248,11 @@ def main() -> None:
             str(port),
             "--request-timeout",
             str(args.request_timeout),
+            "--prefill-tokens",
+            str(args.prefill_tokens),
         ]
-        server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, **quiet)
         try:
             report = measure(args, port, server)
         finally:
@@ -260,7 +274,7 @@ def measure(args, port: int, server: subprocess.Popen) -> dict:
         for i in range(args.baseline)
     ]
     baseline_summary = summarize(baseline, time.monotonic() - start)
-    run_load(client, args, time.monotonic() + args.time_limit, requests=1)  # warm-up at full concurrency
+    run_load(client, args, time.monotonic() + args.time_limit, requests=2)  # warm-up at full concurrency
     rss_before = psutil.Process(server.pid).memory_info().rss
     before = metrics(port)
     start = time.monotonic()
@@ -268,7 +282,9 @@ def measure(args, port: int, server: subprocess.Popen) -> dict:
     load_summary = summarize(load, time.monotonic() - start)
     after = metrics(port)
     rss_after = psutil.Process(server.pid).memory_info().rss
-    step = after['qvera_decode_step_seconds{quantile="0.5"}']
+    # The mean decode step of the load phase alone (the baseline's steps are of batch 1).
+    steps = after["qvera_decode_steps_total"] - before["qvera_decode_steps_total"]
+    step = (after["qvera_decode_seconds_total"] - before["qvera_decode_seconds_total"]) / steps
     hang_ups = sum(1 for r in load if r["kind"] == "hang-up")
     cancelled = after["qvera_cancelled_total"] - before["qvera_cancelled_total"]
     return {
@@ -276,12 +292,13 @@ def measure(args, port: int, server: subprocess.Popen) -> dict:
         "baseline_one_at_a_time": baseline_summary,
         "load": load_summary,
         "server": {
-            "decode_step_p50_s": step,
+            "decode_step_mean_s": step,
             "rss_before_mb": rss_before / 2**20,
             "rss_after_mb": rss_after / 2**20,
             "hang_ups": hang_ups,
             "cancelled": cancelled,
         },
+        "requests": load,
         "targets": {
             "no_5xx": load_summary["server_5xx"] == 0
             and all(isinstance(r["status"], int) and r["status"] for r in load),

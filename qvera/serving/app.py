@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from torch import nn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..generation import Sampling
 from .openai_schema import Parsed, Reply, RequestError, parse, usage
@@ -37,7 +38,7 @@ from .store import AdapterStore
 class ServeOptions:
     max_resident: int = 64
     max_batch_size: int = 32
-    prefill_tokens: int = 256  # prompt tokens fed per prefill step, all new requests together
+    prefill_tokens: int = 128  # prompt tokens fed per prefill step, all new requests together
     api_key: str | None = None
     max_body_bytes: int = 1_000_000
     request_timeout: float = 600.0  # seconds a generation may take, queueing included
@@ -62,8 +63,15 @@ class Server:
     # --- running ---------------------------------------------------------------------------
 
     def config(self, log_level: str = "info") -> uvicorn.Config:
-        # Idle keep-alive connections close after 5 s; past 512 open connections new ones get a 503.
-        return uvicorn.Config(self.app, log_level=log_level, timeout_keep_alive=5, limit_concurrency=512, backlog=2048)
+        # Idle connections (kept alive, or silent from the start) close after 5 s; past 512 open ones new ones get a 503.
+        return uvicorn.Config(
+            self.app,
+            http=SilentConnectionsClose,
+            log_level=log_level,
+            timeout_keep_alive=5,
+            limit_concurrency=512,
+            backlog=2048,
+        )
 
     def serve(self, host: str, port: int) -> None:
         """Serve until interrupted (Ctrl-C)."""
@@ -272,6 +280,7 @@ class Server:
     def metrics(self) -> str:
         stats, load = self.scheduler.stats, self.scheduler.load()
         lines = [f"qvera_requests_{name} {value}" for name, value in load.items()]
+        lines += [f"qvera_decode_seconds_total {stats.decode_seconds_total:.6f}"]
         lines += [
             f"qvera_{name}_total {getattr(stats, name)}"
             for name in ("decode_steps", "prefill_steps", "tokens", "finished", "cancelled", "failed")
@@ -282,6 +291,15 @@ class Server:
                 lines.append(f'qvera_{name}_step_seconds{{quantile="0.5"}} {times[len(times) // 2]:.6f}')
         lines.append(f"qvera_adapters_resident {len(self.store.bank.adapters)}")
         return "\n".join(lines) + "\n"
+
+
+class SilentConnectionsClose(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with the keep-alive timeout armed from the connection's
+    start too: a client that connects and sends nothing is closed like an idle keep-alive one."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
 def public_name(name: str) -> str:

@@ -12,6 +12,7 @@ stay one matmul for the batch. Cancelled, finished and timed-out rows leave at t
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import sys
 import threading
@@ -61,6 +62,7 @@ class Row:
         self.generator.manual_seed(job.seed if job.seed is not None else int(torch.randint(2**62, ())))
         self.reply = ReplyText(tokenizer, job.stop)
         self.entries: list = []  # logprob entries not yet sent with a piece of text
+        # queued_s: arrival to its first prefill forward; prefill_s: the prefill forwards it took part in.
         self.timing = {"queued_s": 0.0, "prefill_s": 0.0, "first_token_s": 0.0}
 
 
@@ -70,6 +72,7 @@ class Stats:
 
     decode_steps: int = 0
     prefill_steps: int = 0
+    decode_seconds_total: float = 0.0
     tokens: int = 0
     finished: int = 0
     cancelled: int = 0
@@ -80,7 +83,7 @@ class Stats:
 
 class Scheduler:
     def __init__(
-        self, model: nn.Module, tokenizer, store: AdapterStore, *, max_batch_size: int = 32, prefill_tokens: int = 256
+        self, model: nn.Module, tokenizer, store: AdapterStore, *, max_batch_size: int = 32, prefill_tokens: int = 128
     ):
         if max_batch_size < 1 or prefill_tokens < 1:
             raise ValueError(
@@ -96,6 +99,9 @@ class Scheduler:
         self.running, self.running_rows = CacheRows(model, tokenizer.pad_token_id), []
         self.running_vectors = None  # the running rows' gathered (d, b), kept while they stay
         self.decoded_last = False
+        self.steps_at_trim = 0
+        # Seconds per padded prompt token of a prefill forward, and of a decode step (moving averages).
+        self.prefill_token_seconds, self.decode_step_seconds = 0.0, 0.0
         self.stats = Stats()
         self.thread = threading.Thread(target=self._loop, name="qvera-scheduler", daemon=True)
         self._stopping = threading.Event()
@@ -128,6 +134,9 @@ class Scheduler:
             prefill = self.prefill_rows and (self.decoded_last or not self.running_rows)
             rows = self.prefill_rows if prefill else self.running_rows
             if not rows:
+                if self.stats.decode_steps + self.stats.prefill_steps > self.steps_at_trim:
+                    self.steps_at_trim = self.stats.decode_steps + self.stats.prefill_steps
+                    return_free_memory()  # idle now: hand the step buffers' memory back to the system
                 continue
             try:
                 self._prefill_step() if prefill else self._decode_step()
@@ -166,42 +175,44 @@ class Scheduler:
                 continue
             self.waiting.popleft()
             row = Row(job, self.tokenizer, self.device)
-            row.timing["queued_s"] = time.monotonic() - job.arrived
             admitted.append(row)
         if admitted:
             self.prefilling.add_empty(len(admitted))
             self.prefill_rows += admitted
 
     def _drop_gone(self) -> None:
-        """Drop rows whose client went away or whose time ran out."""
+        """Drop jobs whose client went away or whose time ran out, waiting or running."""
         now = time.monotonic()
+        for job in [job for job in self.waiting if self._gone(job, now)]:
+            self.waiting.remove(job)
         for prefill, rows in ((True, self.prefill_rows), (False, self.running_rows)):
-            gone = set()
-            for i, row in enumerate(rows):
-                if row.job.cancelled.is_set():
-                    self.stats.cancelled += 1
-                    gone.add(i)
-                elif row.job.timeout is not None and now - row.job.arrived > row.job.timeout:
-                    row.job.emit(
-                        (
-                            "error",
-                            RequestError(
-                                504, f"the reply took longer than the server's limit of {row.job.timeout:g} s"
-                            ),
-                        )
-                    )
-                    gone.add(i)
+            gone = {i for i, row in enumerate(rows) if self._gone(row.job, now)}
             if gone:
                 self._remove(prefill, gone)
 
+    def _gone(self, job: Job, now: float) -> bool:
+        if job.cancelled.is_set():
+            self.stats.cancelled += 1
+            return True
+        if job.timeout is not None and now - job.arrived > job.timeout:
+            job.emit(
+                ("error", RequestError(504, f"the reply took longer than the server's limit of {job.timeout:g} s"))
+            )
+            return True
+        return False
+
     def _prefill_step(self) -> None:
         rows = self.prefill_rows
-        share = max(self.prefill_tokens // len(rows), 1)
+        share = max(self._prefill_budget() // len(rows), 1)
         chunks = [row.job.prompt[row.fed : row.fed + share] for row in rows]
         start = time.monotonic()
+        for row in rows:
+            if row.fed == 0:
+                row.timing["queued_s"] = start - row.job.arrived
         with self.store.bank.rows(self.store.bank.gather([row.job.adapter for row in rows])):
             logits = self.prefilling.forward(chunks)
         seconds = time.monotonic() - start
+        self.prefill_token_seconds = _average(self.prefill_token_seconds, seconds / (len(rows) * max(map(len, chunks))))
         self.stats.prefill_steps += 1
         self.stats.prefill_seconds.append(seconds)
         fed, finished = [], set()
@@ -225,6 +236,14 @@ class Scheduler:
         if self.prefilling.wasted() > 0.5:
             self.prefilling.repack()
 
+    def _prefill_budget(self) -> int:
+        """Prompt tokens for this prefill forward: `prefill_tokens` at most, and, while rows are
+        answering, about one decode step's worth, so that neither they nor a new arrival wait
+        for more than a step or two whatever the prompts in line."""
+        if not self.running_rows or not self.prefill_token_seconds:
+            return self.prefill_tokens
+        return int(min(max(self.decode_step_seconds / self.prefill_token_seconds, 16), self.prefill_tokens))
+
     def _decode_step(self) -> None:
         rows = self.running_rows
         if self.running_vectors is None:
@@ -234,6 +253,8 @@ class Scheduler:
             logits = self.running.forward([[row.last_token] for row in rows])
         self.stats.decode_steps += 1
         self.stats.decode_seconds.append(time.monotonic() - start)
+        self.stats.decode_seconds_total += self.stats.decode_seconds[-1]
+        self.decode_step_seconds = _average(self.decode_step_seconds, self.stats.decode_seconds[-1])
         tokens = self._pick(rows, logits)
         finished = {i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance(row, token, logits[i])}
         if finished:
@@ -286,3 +307,16 @@ class Scheduler:
             self.prefill_rows = kept
         else:
             self.running_rows, self.running_vectors = kept, None
+
+
+def _average(mean: float, value: float) -> float:
+    return value if not mean else 0.8 * mean + 0.2 * value
+
+
+def return_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps them otherwise, and the
+    resident size of a long-running server only grows); elsewhere, nothing to do."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -189,6 +189,9 @@ def test_api_key_body_limit_and_routes(served):
     foreign = post(client, "chat/completions", json.dumps({"model": "foreign", "messages": QUESTIONS[0]}).encode())
     assert foreign.status_code == 400 and "another base" in foreign.json()["error"]["message"]
     assert root not in foreign.text
+    with socket.create_connection((client.base_url.host, client.base_url.port), timeout=15) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b"" and time.monotonic() - started < 10  # closed after the 5 s idle timeout
 
 
 @pytest.mark.parametrize(
