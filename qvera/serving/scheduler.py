@@ -100,8 +100,6 @@ class Scheduler:
         self.running_vectors = None  # the running rows' gathered (d, b), kept while they stay
         self.decoded_last = False
         self.steps_at_trim = 0
-        # Seconds per padded prompt token of a prefill forward, and of a decode step (moving averages).
-        self.prefill_token_seconds, self.decode_step_seconds = 0.0, 0.0
         self.stats = Stats()
         self.thread = threading.Thread(target=self._loop, name="qvera-scheduler", daemon=True)
         self._stopping = threading.Event()
@@ -203,7 +201,7 @@ class Scheduler:
 
     def _prefill_step(self) -> None:
         rows = self.prefill_rows
-        share = max(self._prefill_budget() // len(rows), 1)
+        share = max(self.prefill_tokens // len(rows), 1)
         chunks = [row.job.prompt[row.fed : row.fed + share] for row in rows]
         start = time.monotonic()
         for row in rows:
@@ -212,7 +210,6 @@ class Scheduler:
         with self.store.bank.rows(self.store.bank.gather([row.job.adapter for row in rows])):
             logits = self.prefilling.forward(chunks)
         seconds = time.monotonic() - start
-        self.prefill_token_seconds = _average(self.prefill_token_seconds, seconds / (len(rows) * max(map(len, chunks))))
         self.stats.prefill_steps += 1
         self.stats.prefill_seconds.append(seconds)
         fed, finished = [], set()
@@ -236,14 +233,6 @@ class Scheduler:
         if self.prefilling.wasted() > 0.5:
             self.prefilling.repack()
 
-    def _prefill_budget(self) -> int:
-        """Prompt tokens for this prefill forward: `prefill_tokens` at most, and, while rows are
-        answering, about one decode step's worth, so that neither they nor a new arrival wait
-        for more than a step or two whatever the prompts in line."""
-        if not self.running_rows or not self.prefill_token_seconds:
-            return self.prefill_tokens
-        return int(min(max(self.decode_step_seconds / self.prefill_token_seconds, 16), self.prefill_tokens))
-
     def _decode_step(self) -> None:
         rows = self.running_rows
         if self.running_vectors is None:
@@ -254,7 +243,6 @@ class Scheduler:
         self.stats.decode_steps += 1
         self.stats.decode_seconds.append(time.monotonic() - start)
         self.stats.decode_seconds_total += self.stats.decode_seconds[-1]
-        self.decode_step_seconds = _average(self.decode_step_seconds, self.stats.decode_seconds[-1])
         tokens = self._pick(rows, logits)
         finished = {i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance(row, token, logits[i])}
         if finished:
@@ -307,10 +295,6 @@ class Scheduler:
             self.prefill_rows = kept
         else:
             self.running_rows, self.running_vectors = kept, None
-
-
-def _average(mean: float, value: float) -> float:
-    return value if not mean else 0.8 * mean + 0.2 * value
 
 
 def return_free_memory() -> None:
