@@ -75,7 +75,10 @@ class CacheRows:
             return
         index = torch.tensor(rows, device=self.device)
         mask = self.mask.index_select(0, index)
-        first = int(mask.any(0).long().argmax()) if mask.any() else mask.shape[1]
+        if not mask.any():  # the kept rows have nothing cached yet (new prompts not fed)
+            self._rebuild([], mask[:, :0], self.positions.index_select(0, index))
+            return
+        first = int(mask.any(0).long().argmax())
         layers = [
             (layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:])
             for layer in self.cache.layers

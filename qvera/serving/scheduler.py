@@ -127,8 +127,11 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            self._admit(block=not (self.prefill_rows or self.running_rows))
-            self._drop_gone()
+            try:
+                self._admit(block=not (self.prefill_rows or self.running_rows))
+                self._drop_gone()
+            except Exception:  # a bug: logged, and the worker goes on serving
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
             prefill = self.prefill_rows and (self.decoded_last or not self.running_rows)
             rows = self.prefill_rows if prefill else self.running_rows
             if not rows:

@@ -35,6 +35,13 @@ def test_rows_fed_in_chunks_moved_and_repacked_see_what_they_would_see_alone(mod
     logits = running.forward([[9], [11]])
     torch.testing.assert_close(logits[0], alone(model, prompts[1] + [7, 9]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits[1], alone(model, prompts[0] + [11]), rtol=1e-4, atol=1e-4)
+    prefill.add_empty(2)
+    prefill.keep([0, 2])  # a new prompt cancelled before any of it was fed
+    assert len(prefill) == 2 and prefill.mask.shape[0] == 2
+    fresh = CacheRows(model, tokenizer.pad_token_id)
+    fresh.add_empty(2)
+    fresh.keep([1])  # nothing cached at all yet
+    torch.testing.assert_close(fresh.forward([prompts[1]])[0], alone(model, prompts[1]), rtol=1e-4, atol=1e-4)
     running.keep([1])  # the shorter row leaves; the longer one goes on alone
     torch.testing.assert_close(running.forward([[12]])[0], alone(model, prompts[0] + [11, 12]), rtol=1e-4, atol=1e-4)
 
