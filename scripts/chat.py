@@ -5,7 +5,7 @@
     python scripts/chat.py --prompt "Hi" --adapter a/ --prompt "Hi" --adapter none   # one batch, JSON lines
 
 In the chat: /reset clears the history, /adapter FOLDER switches adapter (/adapter none: the
-base), /exit (or Ctrl-D) leaves.
+base), /exit (or Ctrl-D) leaves. Ctrl-C stops the reply being written; the conversation goes on.
 """
 
 import argparse
@@ -98,9 +98,21 @@ def main() -> None:
             print(chat.command(line))
             continue
         if line.strip():
-            for piece in chat.reply(line):
-                print(piece, end="", flush=True)
-            print()
+            answer(chat, line)
+
+
+def answer(chat: Chat, line: str) -> None:
+    """Stream the reply; Ctrl-C stops it and keeps the conversation, the words so far included."""
+    before, pieces = len(chat.messages), []
+    try:
+        for piece in chat.reply(line):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+    except KeyboardInterrupt:
+        print(" [stopped]", flush=True)
+        if len(chat.messages) == before:  # the turn had not entered the history yet
+            chat.messages += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(pieces)}]
 
 
 if __name__ == "__main__":

@@ -1,55 +1,89 @@
-"""Serve many adapters on one base behind an OpenAI-compatible API.
+"""Serve many adapters on one base behind an OpenAI-compatible API (FastAPI on uvicorn, with
+continuous batching: a request joins the running batch at the next step, whatever its adapter).
 
-python scripts/serve.py --model smollm2-135m --adapters adapters/
-# then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").chat.completions.create(
-#           model="<adapter folder name>", messages=[...])
+    python scripts/serve.py --model smollm2-135m --adapters adapters/
+    # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").chat.completions.create(
+    #           model="<adapter folder name>", messages=[...])
 """
 
 import argparse
+import os
 import sys
 
 from qvera import ModelConfig, load_base
+from qvera.core.hardware import COMPUTE_DTYPES
+from qvera.serving.app import ServeOptions, Server
 from qvera.serving.generation import Sampling
-from qvera.serving.server import ChatServer
 
 
 def main() -> None:
-    defaults, model_defaults = Sampling(), ModelConfig()
+    defaults, model_defaults, options = Sampling(), ModelConfig(), ServeOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model", default=model_defaults.name, help="base: a local folder, a hub id or the built-in smollm2-135m"
     )
     parser.add_argument("--quantization", default=model_defaults.quantization, choices=["nf4", "int8", "bf16", "fp32"])
+    parser.add_argument(
+        "--compute-dtype",
+        default=model_defaults.compute_dtype,
+        choices=COMPUTE_DTYPES,
+        help="auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)",
+    )
     parser.add_argument("--adapters", required=True, help="folder of adapter folders; a request's `model` names one")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--max-resident", type=int, default=64, help="adapters kept in memory; the least recently used leave"
+        "--api-key",
+        default=os.environ.get("QVERA_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1 routes (default: $QVERA_API_KEY; none: open)",
     )
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-window-ms", type=float, default=20, help="how long a batch waits for more requests")
+    parser.add_argument(
+        "--max-resident",
+        type=int,
+        default=options.max_resident,
+        help="adapters kept in memory; the least recently used leave",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=options.max_batch_size, help="requests generating at once"
+    )
+    parser.add_argument(
+        "--prefill-tokens", type=int, default=options.prefill_tokens, help="prompt tokens fed per prefill step"
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=options.max_body_bytes, help="larger request bodies get a 413"
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=options.request_timeout, help="seconds a generation may take"
+    )
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="when a request gives none")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="when a request gives none")
     parser.add_argument("--max-tokens", type=int, default=defaults.max_new_tokens, help="when a request gives none")
     args = parser.parse_args()
 
-    model, tokenizer = load_base(ModelConfig(name=args.model, quantization=args.quantization))
     try:
-        server = ChatServer(
-            model,
-            tokenizer,
-            args.adapters,
-            host=args.host,
-            port=args.port,
-            max_resident=args.max_resident,
-            max_batch_size=args.max_batch_size,
-            batch_window=args.batch_window_ms / 1000,
-            defaults=Sampling(args.temperature, args.top_p, args.max_tokens),
+        model, tokenizer = load_base(
+            ModelConfig(name=args.model, quantization=args.quantization, compute_dtype=args.compute_dtype)
         )
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
-    print(f"serving {server.base_name} and the adapters in {args.adapters} at {server.url}", flush=True)
-    server.serve_forever()
+    options = ServeOptions(
+        max_resident=args.max_resident,
+        max_batch_size=args.max_batch_size,
+        prefill_tokens=args.prefill_tokens,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout,
+        defaults=Sampling(args.temperature, args.top_p, args.max_tokens),
+    )
+    try:
+        server = Server(model, tokenizer, args.adapters, options)
+    except (ValueError, FileNotFoundError, NotImplementedError, OSError) as err:
+        sys.exit(f"error: {err}")
+    print(
+        f"serving {server.base_name} and the adapters in {args.adapters} at http://{args.host}:{args.port}/v1",
+        flush=True,
+    )
+    server.serve(args.host, args.port)
 
 
 if __name__ == "__main__":

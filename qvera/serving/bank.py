@@ -121,29 +121,44 @@ class AdapterBank:
             else 0
         )
 
-    @contextmanager
-    def mixed_batch(self, row_adapters: list[str | None]):
-        """Within this context each batch row runs with its own adapter (None: the base)."""
+    def gather(self, row_adapters: list[str | None]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per layer, the (d, b) of every row stacked (zeros for None, the base), and for DVoRA
+        the rows' output scales: what a mixed batch sets as each layer's `row_vectors`. A server
+        keeps these while its rows stay."""
         for name in row_adapters:
             if name is not None:
                 self._require(name)
         self.touch(row_adapters)
+        gathered = {}
+        for layer_name, layer in self.layers.items():
+            d_rows, b_rows = [], []
+            for name in row_adapters:
+                if name is None:
+                    d_rows.append(torch.zeros_like(layer.lambda_d, dtype=self.dtype))
+                    b_rows.append(torch.zeros_like(layer.lambda_b, dtype=self.dtype))
+                else:
+                    d_rows.append(self.adapters[name][f"{layer_name}.lambda_d"])
+                    b_rows.append(self.adapters[name][f"{layer_name}.lambda_b"])
+            gathered[layer_name] = (torch.stack(d_rows), torch.stack(b_rows))
+            if self.magnitude:  # DVoRA: one output scale per row, 1 for the base
+                ones = torch.ones(layer.out_features, device=self.device)
+                scales = [ones if name is None else self.scales[name][layer_name] for name in row_adapters]
+                gathered[layer_name] += (torch.stack(scales),)
+        return gathered
+
+    @contextmanager
+    def rows(self, gathered: dict[str, tuple[torch.Tensor, ...]]):
+        """Within this context each batch row runs with the vectors `gather` stacked for it."""
         try:
             for layer_name, layer in self.layers.items():
-                d_rows, b_rows = [], []
-                for name in row_adapters:
-                    if name is None:
-                        d_rows.append(torch.zeros_like(layer.lambda_d, dtype=self.dtype))
-                        b_rows.append(torch.zeros_like(layer.lambda_b, dtype=self.dtype))
-                    else:
-                        d_rows.append(self.adapters[name][f"{layer_name}.lambda_d"])
-                        b_rows.append(self.adapters[name][f"{layer_name}.lambda_b"])
-                layer.row_vectors = (torch.stack(d_rows), torch.stack(b_rows))
-                if self.magnitude:
-                    ones = torch.ones(layer.out_features, device=self.device)
-                    scales = [ones if name is None else self.scales[name][layer_name] for name in row_adapters]
-                    layer.row_vectors += (torch.stack(scales),)
+                layer.row_vectors = gathered[layer_name]
             yield
         finally:
             for layer in self.layers.values():
                 layer.row_vectors = None
+
+    @contextmanager
+    def mixed_batch(self, row_adapters: list[str | None]):
+        """Within this context each batch row runs with its own adapter (None: the base)."""
+        with self.rows(self.gather(row_adapters)):
+            yield

@@ -1,0 +1,66 @@
+import shutil
+
+import pytest
+import torch
+from conftest import save_tiny_llama
+
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.adapters import save_adapter
+from qvera.serving.openai_schema import RequestError
+from qvera.serving.store import AdapterStore
+
+
+@pytest.fixture
+def folder_and_base(tmp_path, tiny_llama_dir):
+    """Two adapters of the tiny base, one of rank 8 (unservable beside them), one of another
+    base, and the leftovers an interrupted write leaves."""
+    folder = tmp_path / "adapters"
+    for rank, names in ((16, ["one", "two"]), (8, ["narrow"])):
+        model, _ = load_base(ModelConfig(name=tiny_llama_dir, quantization="fp32"))
+        attach_vera(model, VeraConfig(rank=rank, projection_seed=3))
+        for name in names:
+            save_adapter(model, folder / name)
+    other, _ = load_base(
+        ModelConfig(name=save_tiny_llama(tmp_path / "other", dtype=torch.float32, seed=1), quantization="fp32")
+    )
+    save_adapter(attach_vera(other, VeraConfig(rank=16, projection_seed=3)), folder / "foreign")
+    shutil.copytree(folder / "one", folder / ".one.old-12")
+    shutil.copytree(folder / "two", folder / ".two.tmp-34")
+    (folder / "notes").mkdir()
+    return folder, tiny_llama_dir
+
+
+def test_store_lists_servable_adapters_and_warns_once_about_the_rest(folder_and_base):
+    folder, base = folder_and_base
+    model, _ = load_base(ModelConfig(name=base, quantization="fp32"))
+    lines = []
+    store = AdapterStore(model, folder, max_resident=1, log=lines.append)
+    assert store.servable() == ["one", "two"]
+    assert len(lines) == 1 and lines[0].startswith("warning: skipped 5 adapter folder(s)")
+    for name in [".one.old-12", ".two.tmp-34", "notes", "foreign", "narrow"]:
+        assert name in lines[0]
+    assert str(folder.parent) not in lines[0].replace(str(folder), "")  # messages name adapters, not server paths
+    with pytest.raises(RequestError, match="rank 8") as caught:
+        store.check("narrow")
+    assert caught.value.status == 400 and str(folder) not in caught.value.message
+    with pytest.raises(RequestError) as caught:
+        store.check(".one.old-12")
+    assert caught.value.status == 404
+
+
+def test_held_adapters_are_never_evicted(folder_and_base):
+    folder, base = folder_and_base
+    model, _ = load_base(ModelConfig(name=base, quantization="fp32"))
+    store = AdapterStore(model, folder, max_resident=1, log=lambda line: None)
+    assert store.acquire("one")
+    assert not store.acquire("two")  # the one slot is held
+    store.release("one")
+    assert store.acquire("two") and store.bank.names() == ["two"]
+
+
+def test_store_needs_a_folder_with_an_adapter(tmp_path, tiny_llama_dir):
+    model, _ = load_base(ModelConfig(name=tiny_llama_dir, quantization="fp32"))
+    with pytest.raises(FileNotFoundError, match="adapters folder .*missing does not exist"):
+        AdapterStore(model, tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds no adapter; save one there"):
+        AdapterStore(model, tmp_path)
