@@ -6,6 +6,9 @@ The ASGI stack brings keep-alive, a large listen backlog and disconnect detectio
 generation whose client has gone is cancelled at the next step, streaming or not. Bodies
 past `max_body_bytes` get a 413 before they are read whole; with `api_key` set, /v1 routes
 want `Authorization: Bearer <key>`. Errors are OpenAI-style JSON and name no server path.
+
+It runs a little over 300 lines: every route, its streaming and its cancellation read best
+side by side; the request schema and the batcher live in their own modules.
 """
 
 from __future__ import annotations
