@@ -15,6 +15,7 @@ from qvera.adapters.format import adapter_size
 from qvera.adapters.loading import meta_model
 from qvera.core.attach import attach_vera
 from qvera.core.config import VeraConfig
+from qvera.core.random_base import SHAPES
 
 
 @dataclass
@@ -62,5 +63,5 @@ def median_seconds(step, repeats: int) -> tuple[float, list[float]]:
 
 def llama2_7b_adapter_size(rank: int = 512) -> dict[str, int]:
     """Adapter size for Llama-2-7B with VeRA on all linear layers, measured on a meta-device model."""
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+    config = LlamaConfig(**SHAPES["llama2-7b"])
     return adapter_size(attach_vera(meta_model(config), VeraConfig(rank=rank)))

@@ -52,16 +52,7 @@ VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:256
 GPU_VARIANTS = train_step_bench.VARIANTS
 
 
-META_CONFIGS = {
-    "llama2-7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    ),
-}
+META_CONFIGS = {"llama2-7b": SHAPES["llama2-7b"]}  # the shape the random 7B base is built in
 
 
 def meta_model(config):

@@ -78,6 +78,16 @@ def end_token_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+def nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities sorted high to low, zero past the smallest set that reaches top_p; the
+    token ids in that order), per row, after temperature: what nucleus sampling draws from."""
+    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
+    return sorted_probs.masked_fill(drop, 0.0), order
+
+
 def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator=None) -> torch.Tensor:
     """Per-row sampling: rows with temperature 0 take the argmax; the others sample from the
     smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
@@ -85,11 +95,7 @@ def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     sampled_rows = temperature > 0
     if not sampled_rows.any():
         return greedy
-    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    sorted_probs, order = probs.sort(-1, descending=True)
-    # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
-    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    sorted_probs, order = nucleus(logits, temperature, top_p)
     choice = torch.multinomial(sorted_probs, 1, generator=generator).squeeze(-1)
     sampled = order.gather(-1, choice[:, None]).squeeze(-1)
     return torch.where(sampled_rows, sampled, greedy)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qvera.serving.generation import TextStream
+from qvera.serving.generation import TextStream, nucleus
 
 
 def pick_rows(
@@ -20,11 +20,8 @@ def pick_rows(
     sampled_rows = temperature > 0
     if not sampled_rows.any():
         return greedy
-    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    sorted_probs, order = probs.sort(-1, descending=True)
-    # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
-    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
-    cumulative = sorted_probs.masked_fill(drop, 0.0).cumsum(-1)
+    sorted_probs, order = nucleus(logits, temperature, top_p)
+    cumulative = sorted_probs.cumsum(-1)
     draws = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators]).to(logits.device)
     choice = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
     sampled = order.gather(-1, choice).squeeze(-1)
