@@ -171,10 +171,7 @@ def load_base(config: ModelConfig | str, device_map: str | dict | None = None):
                 path, revision=config.revision, dtype=dtype, device_map=device_map, quantization_config=quantization
             )
     except OSError as err:
-        raise FileNotFoundError(
-            f"cannot load model {config.name!r} (not a local folder, a reachable hub id, "
-            f"nor the built-in {BUILTIN_SMOLLM2!r}): {str(err).splitlines()[0]}"
-        ) from err
+        raise cannot_load(config.name, str(err).splitlines()[0]) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for param in model.parameters():
