@@ -107,7 +107,7 @@ FIELD_TYPES = {
 @dataclass
 class Adapter:
     """An adapter in memory: its description (the JSON, as a dict) and its fp32 vectors,
-    keyed as `qvera.model.vector_state` keys them."""
+    keyed as `qvera.core.attach.vector_state` keys them."""
 
     config: dict
     vectors: dict[str, torch.Tensor]
