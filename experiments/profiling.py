@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig, get_peft_model
+from peft import VeraConfig as PeftVeraConfig
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig
 
@@ -65,3 +68,32 @@ def llama2_7b_adapter_size(rank: int = 512) -> dict[str, int]:
     """Adapter size for Llama-2-7B with VeRA on all linear layers, measured on a meta-device model."""
     config = LlamaConfig(**SHAPES["llama2-7b"])
     return adapter_size(attach_vera(meta_model(config), VeraConfig(rank=rank)))
+
+
+def attach_variant(model: nn.Module, variant: str, *, fp32_trainables: bool = True):
+    """Put one benchmark variant on a frozen base: `floor` (nothing to train; the backward
+    still reaches the inputs, the base's own cost), `peft-lora:R`, `peft-vera:R` (peft, all
+    linear layers, LoRA alpha = 2R) or `qvera:R`. Returns (model, method, rank).
+
+    `fp32_trainables`: keep peft's trainable parameters in fp32, as the trainer keeps them
+    (off on the meta device, which holds no values)."""
+    method, _, rank = variant.partition(":")
+    rank = int(rank or 0)
+    if method == "floor":
+        model.enable_input_require_grads()
+    elif method in ("peft-lora", "peft-vera"):
+        config = (
+            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+            if method == "peft-lora"
+            else PeftVeraConfig(r=rank, target_modules="all-linear", save_projection=False)
+        )
+        model = get_peft_model(model, config)
+        if fp32_trainables:
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+    elif method == "qvera":
+        attach_vera(model, VeraConfig(rank=rank))
+    else:
+        raise ValueError(f"unknown variant {variant!r}; use floor, peft-lora:R, peft-vera:R or qvera:R")
+    return model, method, rank

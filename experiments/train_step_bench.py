@@ -14,13 +14,11 @@ import time
 
 import bitsandbytes as bnb
 import torch
-from peft import LoraConfig, get_peft_model
-from peft import VeraConfig as PeftVeraConfig
 from trl.trainer.utils import add_fused_lm_head
 
-from qvera.core.attach import attach_vera
+from experiments.profiling import attach_variant
 from qvera.core.base import load_base
-from qvera.core.config import ModelConfig, VeraConfig
+from qvera.core.config import ModelConfig
 
 VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:512", "qvera:1024"]
 CONTEXT_VARIANTS = ["qvera:512", "peft-lora:16"]
@@ -29,29 +27,12 @@ GB = 2**30
 
 def build(shape: str, variant: str, compute_dtype: str, device: str):
     """The random base with one variant attached, in training mode with gradient checkpointing."""
-    method, _, rank = variant.partition(":")
-    rank = int(rank or 0)
     config = ModelConfig(name=f"random:{shape}", quantization="nf4", compute_dtype=compute_dtype)
     model, _ = load_base(config, device_map="cpu" if device == "cpu" else None)
     add_fused_lm_head(model)  # before peft wraps it, as TRL does
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method == "floor":
-        model.enable_input_require_grads()  # backward to the inputs: the frozen base's own cost
-    elif method in ("peft-lora", "peft-vera"):
-        peft_config = (
-            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
-            if method == "peft-lora"
-            else PeftVeraConfig(r=rank, target_modules="all-linear", save_projection=False)
-        )
-        model = get_peft_model(model, peft_config)
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()  # as the trainer keeps them
-    elif method == "qvera":
-        attach_vera(model, VeraConfig(rank=rank))
-    else:
-        raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
+    model, method, rank = attach_variant(model, variant)
     model.train()
     return model, method, rank
 

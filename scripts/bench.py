@@ -40,11 +40,10 @@ from qvera.adapters.format import save_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside scripts/
 
-from peft import LoraConfig, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from experiments import train_step_bench
-from experiments.profiling import count_flops, count_saved_tensors, median_seconds
+from experiments.profiling import attach_variant, count_flops, count_saved_tensors, median_seconds
 from qvera.core.hardware import COMPUTE_DTYPES, compute_dtype
 from qvera.core.random_base import SHAPES
 
@@ -66,30 +65,12 @@ def meta_model(config):
 
 
 def build(model_name: str, variant: str, meta=None):
-    method, _, rank = variant.partition(":")
-    rank = int(rank or 0)
     if meta is not None:
         model = meta_model(meta)
     else:
         model, _ = qvera.load_base(qvera.ModelConfig(name=model_name, quantization="nf4"), device_map="cpu")
     model.train()
-    if method == "floor":
-        model.enable_input_require_grads()  # backward to the inputs, as a frozen base trains nothing
-    elif method.startswith("peft"):
-        config = (
-            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
-            if method == "peft-lora"
-            else VeraConfig(r=rank, target_modules="all-linear", save_projection=False)
-        )
-        model = get_peft_model(model, config)
-        for param in model.parameters():
-            if param.requires_grad and not meta:
-                param.data = param.data.float()
-    elif method == "qvera":
-        qvera.attach_vera(model, qvera.VeraConfig(rank=rank))
-    else:
-        raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
-    return model, method, rank
+    return attach_variant(model, variant, fp32_trainables=meta is None)
 
 
 def adapter_bytes(model, method: str) -> int:
