@@ -72,8 +72,9 @@ def llama2_7b_adapter_size(rank: int = 512) -> dict[str, int]:
 
 def attach_variant(model: nn.Module, variant: str, *, fp32_trainables: bool = True):
     """Put one benchmark variant on a frozen base: `floor` (nothing to train; the backward
-    still reaches the inputs, the base's own cost), `peft-lora:R`, `peft-vera:R` (peft, all
-    linear layers, LoRA alpha = 2R) or `qvera:R`. Returns (model, method, rank).
+    still reaches the inputs, the base's own cost), `peft-lora:R`, `peft-dora:R`, `peft-vera:R`
+    (peft, all linear layers, LoRA alpha = 2R), `qvera:R` or `qvera-dvora:R` (VeRA with DoRA's
+    magnitude). Returns (model, method, rank).
 
     `fp32_trainables`: keep peft's trainable parameters in fp32, as the trainer keeps them
     (off on the meta device, which holds no values)."""
@@ -81,19 +82,21 @@ def attach_variant(model: nn.Module, variant: str, *, fp32_trainables: bool = Tr
     rank = int(rank or 0)
     if method == "floor":
         model.enable_input_require_grads()
-    elif method in ("peft-lora", "peft-vera"):
+    elif method in ("peft-lora", "peft-dora", "peft-vera"):
         config = (
-            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
-            if method == "peft-lora"
-            else PeftVeraConfig(r=rank, target_modules="all-linear", save_projection=False)
+            PeftVeraConfig(r=rank, target_modules="all-linear", save_projection=False)
+            if method == "peft-vera"
+            else LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", use_dora=method == "peft-dora")
         )
         model = get_peft_model(model, config)
         if fp32_trainables:
             for param in model.parameters():
                 if param.requires_grad:
                     param.data = param.data.float()
-    elif method == "qvera":
-        attach_vera(model, VeraConfig(rank=rank))
+    elif method in ("qvera", "qvera-dvora"):
+        attach_vera(model, VeraConfig(rank=rank, magnitude=method == "qvera-dvora"))
     else:
-        raise ValueError(f"unknown variant {variant!r}; use floor, peft-lora:R, peft-vera:R or qvera:R")
+        raise ValueError(
+            f"unknown variant {variant!r}; use floor, peft-lora:R, peft-dora:R, peft-vera:R, qvera:R or qvera-dvora:R"
+        )
     return model, method, rank

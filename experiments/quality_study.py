@@ -1,8 +1,9 @@
 """The VeRA-vs-LoRA quality study: one run = train one adapter, then score it on held-out data.
 
-Both methods go through the same TRL SFTTrainer with the same rows, token budget, chat
-rendering (qvera.data, loss on assistant tokens), AdamW, schedule and bf16 autocast; only the
-adapter differs. Trainable parameters stay fp32 for both: TRL casts them to bf16 on quantized
+Methods: VeRA and DVoRA (qvera), LoRA and DoRA (peft). All go through the same TRL
+SFTTrainer with the same rows, token budget, chat rendering (qvera.data, loss on assistant
+tokens), AdamW, schedule and bf16 autocast; only the adapter differs. Trainable parameters
+stay fp32 for all: TRL casts them to bf16 on quantized
 models, where small AdamW updates to LoRA's A would round away and VeRA's vectors lose digits.
 """
 
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,25 +29,30 @@ from qvera.core.attach import attach_vera
 from qvera.core.base import load_base
 from qvera.core.config import ModelConfig, VeraConfig
 from qvera.training.data import split_held_out, tokenized_dataset
-from qvera.training.evaluate import exact_match, heldout_loss, load_examples
+from qvera.training.evaluate import heldout_loss, load_examples
 from qvera.training.trainer import VeraSFTTrainer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 ALPACA = str(DATA / "alpaca_en_demo.json")
 LIMA = str(DATA / "lima_eval50.json")  # the 50 LIMA rows seed 0 picks from its 1,029
-METHODS = ("base", "vera", "lora")
+METHODS = ("base", "vera", "dvora", "lora", "dora")
+QVERA_METHODS = ("vera", "dvora")
+SPLIT_SEED = 0  # every run, whatever its seed, trains and is scored on the same rows
 
 
 @dataclass
 class StudyRun:
-    method: str  # base (no training), vera or lora
+    method: str  # base (no training), vera, dvora, lora or dora
     rank: int = 0
     learning_rate: float = 0.0
-    d_initial: float = 0.1  # VeRA only
+    d_initial: float = 0.1  # VeRA and DVoRA only
+    lr_scale_d: float = 1.0  # VeRA's vectors' learning rates, as multiples of learning_rate
+    lr_scale_b: float = 1.0
+    lr_scale_m: float = 1.0  # DVoRA only
     train_rows: int = 128  # of the 900 training rows; the full study uses 900
     max_length: int = 256
     batch_size: int = 4
-    seed: int = 0
+    seed: int = 0  # projections (VeRA) or initial A (LoRA), and the order of the training rows
     model: str = "smollm2-135m"
 
     def __post_init__(self):
@@ -51,27 +60,61 @@ class StudyRun:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method != "base" and (self.rank < 1 or self.learning_rate <= 0):
             raise ValueError(f"a {self.method} run needs --rank >= 1 and --lr > 0")
+        scales = (self.lr_scale_d, self.lr_scale_b, self.lr_scale_m)
+        if self.method not in QVERA_METHODS and (scales != (1.0, 1.0, 1.0) or self.d_initial != 0.1):
+            raise ValueError(f"d_initial and the lr scales are VeRA's settings; a {self.method} run takes neither")
+        if self.method == "vera" and self.lr_scale_m != 1.0:
+            raise ValueError("lr_scale_m is DVoRA's magnitude learning rate; a vera run has no magnitudes")
 
     @property
     def name(self) -> str:
         if self.method == "base":
             return "base"
-        extra = f"-d{self.d_initial:g}" if self.method == "vera" and self.d_initial != 0.1 else ""
-        return f"{self.method}-r{self.rank}-lr{self.learning_rate:g}{extra}-n{self.train_rows}"
+        extra = ""
+        for label, value, default in (
+            ("d", self.d_initial, 0.1),
+            ("sd", self.lr_scale_d, 1.0),
+            ("sb", self.lr_scale_b, 1.0),
+            ("sm", self.lr_scale_m, 1.0),
+        ):
+            extra += f"-{label}{value:g}" if value != default else ""
+        seed = f"-s{self.seed}" if self.seed else ""
+        return f"{self.method}-r{self.rank}-lr{self.learning_rate:g}{extra}-n{self.train_rows}{seed}"
+
+    @property
+    def setting(self) -> tuple:
+        """Everything but the seed: the runs a table row averages over."""
+        return (
+            self.method,
+            self.rank,
+            self.learning_rate,
+            self.d_initial,
+            self.lr_scale_d,
+            self.lr_scale_b,
+            self.lr_scale_m,
+            self.train_rows,
+            self.max_length,
+            self.batch_size,
+            self.model,
+        )
 
 
-def study_data(seed: int = 0, held_out: int = 100):
+def study_data(held_out: int = 100):
     """The fixed split: 900 Alpaca rows to train on, 100 held out; 50 LIMA rows never trained on."""
-    train, alpaca_eval = split_held_out(load_examples(ALPACA), held_out, seed)
+    train, alpaca_eval = split_held_out(load_examples(ALPACA), held_out, SPLIT_SEED)
     return train, alpaca_eval, load_examples(LIMA)
 
 
 def attach(model, run: StudyRun):
-    if run.method == "vera":
-        return attach_vera(model, VeraConfig(rank=run.rank, projection_seed=run.seed, d_initial=run.d_initial))
+    if run.method in QVERA_METHODS:
+        config = VeraConfig(
+            rank=run.rank, projection_seed=run.seed, d_initial=run.d_initial, magnitude=run.method == "dvora"
+        )
+        return attach_vera(model, config)
     # load_base has switched off bitsandbytes' CPU repacking, which would silently drop the
     # input gradients of the layers peft wraps after the first no-grad forward.
-    return get_peft_model(model, LoraConfig(r=run.rank, lora_alpha=2 * run.rank, target_modules="all-linear"))
+    config = LoraConfig(r=run.rank, lora_alpha=2 * run.rank, target_modules="all-linear", use_dora=run.method == "dora")
+    return get_peft_model(model, config)
 
 
 def train(model, tokenizer, run: StudyRun, train_convs) -> dict:
@@ -98,7 +141,10 @@ def train(model, tokenizer, run: StudyRun, train_convs) -> dict:
             data_seed=run.seed,
             dataloader_num_workers=0,
         )
-        trainer = VeraSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        scales = {"lambda_d": run.lr_scale_d, "lambda_b": run.lr_scale_b, "lambda_m": run.lr_scale_m}
+        trainer = VeraSFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, lr_scales=scales
+        )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -108,7 +154,7 @@ def train(model, tokenizer, run: StudyRun, train_convs) -> dict:
 
 def save(model, run: StudyRun, folder: Path) -> int:
     """Write the adapter; return its size in bytes (the file a user would ship)."""
-    if run.method == "lora":
+    if run.method not in QVERA_METHODS:
         model.save_pretrained(str(folder))
         return sum(f.stat().st_size for f in folder.glob("adapter_model.safetensors"))
     save_adapter(model, folder)
@@ -137,7 +183,7 @@ def run_one(run: StudyRun, out_dir: str | Path, eval_batch_size: int = 2) -> dic
     folder = Path(out_dir) / run.name
     folder.mkdir(parents=True, exist_ok=True)
     record = folder / "train.json"
-    train_convs, alpaca_eval, lima_eval = study_data(run.seed)
+    train_convs, alpaca_eval, lima_eval = study_data()
     if run.method != "base" and record.is_file() and (folder / "adapter").is_dir():
         result = json.loads(record.read_text())
         model, tokenizer = reload(run, folder / "adapter")
@@ -155,35 +201,180 @@ def run_one(run: StudyRun, out_dir: str | Path, eval_batch_size: int = 2) -> dic
     # over 8 x 256 tokens took several GB.
     result["alpaca_heldout"] = heldout_loss(model, tokenizer, alpaca_eval, run.max_length, eval_batch_size)
     result["lima_heldout"] = heldout_loss(model, tokenizer, lima_eval, run.max_length, eval_batch_size)
-    result["alpaca_short_answers"] = exact_match(model, tokenizer, alpaca_eval)
     result["eval_seconds"] = time.perf_counter() - start
     write_json(folder / "result.json", result)
     return result
 
 
 def collect(runs_dir: str | Path) -> list[dict]:
-    """Every finished run's result, base first, then by method, rank and learning rate."""
+    """Every finished run's result, base first, then by method, rank, setting and seed."""
     results = [json.loads(f.read_text()) for f in sorted(Path(runs_dir).glob("*/result.json"))]
     if not results:
         raise FileNotFoundError(f"no results under {runs_dir}; run `scripts/quality_study.py run ...` first")
     order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(
-        results,
-        key=lambda r: (order[r["run"]["method"]], r["run"]["rank"], r["run"]["learning_rate"], r["run"]["d_initial"]),
-    )
+    return sorted(results, key=lambda r: (order[r["run"]["method"]], study_run(r).setting[1:], r["run"]["seed"]))
 
 
-def best_per_rank(results: list[dict]) -> list[dict]:
-    """For each (method, rank, d_initial), the learning rate with the lowest Alpaca held-out loss."""
-    best: dict = {}
+def study_run(result: dict) -> StudyRun:
+    """The run a result came from (records written before a field existed take its default)."""
+    return StudyRun(**result["run"])
+
+
+# The plan: each method's learning-rate grid at one rank with seed 0, then every rank the
+# table shows at the method's best setting, three seeds each.
+GRID_RANK = {"vera": 512, "dvora": 512, "lora": 8, "dora": 8}
+GRID = [
+    StudyRun("base"),
+    *(StudyRun("vera", 512, lr) for lr in (1e-2, 3e-2, 1e-1)),
+    StudyRun("vera", 512, 3e-2, lr_scale_d=0.3),
+    StudyRun("vera", 512, 3e-2, lr_scale_b=3.0),
+    *(StudyRun("dvora", 512, lr, lr_scale_m=0.1) for lr in (1e-2, 3e-2, 1e-1)),
+    StudyRun("dvora", 512, 3e-2),
+    *(StudyRun("lora", 8, lr) for lr in (1e-3, 3e-3, 1e-2)),
+    *(StudyRun("dora", 8, lr) for lr in (1e-3, 3e-3, 1e-2)),
+]
+TABLE_RANKS = {"vera": (512, 1024, 2048), "dvora": (512, 1024), "lora": (8, 16), "dora": (8,)}
+SEEDS = (0, 1, 2)
+
+
+def best_setting(results: list[dict], method: str) -> StudyRun | None:
+    """The method's grid run (seed 0, its grid rank) with the lowest Alpaca held-out loss."""
+    grid = [
+        r
+        for r in results
+        if r["run"]["method"] == method and r["run"]["rank"] == GRID_RANK[method] and r["run"]["seed"] == 0
+    ]
+    if not grid:
+        return None
+    return study_run(min(grid, key=lambda r: r["alpaca_heldout"]["loss"]))
+
+
+def seeded_runs(results: list[dict], method: str) -> list[StudyRun]:
+    """Every table rank of a method at its best grid setting, one run per seed."""
+    best = best_setting(results, method)
+    if best is None:
+        return []
+    return [replace(best, rank=rank, seed=seed) for rank in TABLE_RANKS[method] for seed in SEEDS]
+
+
+def command(run: StudyRun) -> list[str]:
+    """The `scripts/quality_study.py run` flags that make this run."""
+    flags = ["--method", run.method]
+    if run.method != "base":
+        flags += ["--rank", str(run.rank), "--lr", f"{run.learning_rate:g}"]
+    defaults = StudyRun("base")
+    for field in ("d_initial", "lr_scale_d", "lr_scale_b", "lr_scale_m", "train_rows", "max_length", "seed"):
+        if getattr(run, field) != getattr(defaults, field):
+            flags += ["--" + field.replace("_", "-"), f"{getattr(run, field):g}"]
+    return flags
+
+
+def launch_run(run: StudyRun, out_dir: Path) -> subprocess.Popen:
+    """One run in its own process with one thread, its output in `<out_dir>/<name>/log.txt`."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "quality_study.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    (out_dir / run.name).mkdir(parents=True, exist_ok=True)
+    with open(out_dir / run.name / "log.txt", "a") as log:
+        argv = [sys.executable, str(script), "run", *command(run), "--out", str(out_dir)]
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def sweep(out_dir: str | Path, jobs: int = 2, poll_seconds: float = 5.0, launch=launch_run) -> list[str]:
+    """Run the whole plan, `jobs` runs at a time, skipping finished runs; return the names started.
+
+    A method's seeded runs start once its grid is done. Interrupted, it resumes where it
+    stopped: finished runs keep their result.json, and a run killed after training resumes
+    from its saved adapter.
+    """
+    out_dir = Path(out_dir)
+
+    def done(run):
+        return (out_dir / run.name / "result.json").is_file()
+
+    queue = [run for run in GRID if not done(run)]
+    planned = {run.name for run in GRID}
+    running: dict[str, subprocess.Popen] = {}
+    started = []
+    while True:
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                print(f"{time.strftime('%H:%M:%S')} {name}: exit {proc.returncode}", flush=True)
+        results = [json.loads(f.read_text()) for f in out_dir.glob("*/result.json")]
+        for method in GRID_RANK:
+            if any(r.method == method and not done(r) for r in GRID):
+                continue
+            for run in seeded_runs(results, method):
+                if run.name not in planned:
+                    planned.add(run.name)
+                    if not done(run):
+                        queue.append(run)
+        if not queue and not running:
+            return started
+        while queue and len(running) < jobs:
+            run = queue.pop(0)
+            running[run.name] = launch(run, out_dir)
+            started.append(run.name)
+            print(f"{time.strftime('%H:%M:%S')} {run.name}: started", flush=True)
+        time.sleep(poll_seconds)
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per setting: the mean and spread over its seeds of every measure."""
+    groups: dict[tuple, list[dict]] = {}
     for r in results:
-        key = (r["run"]["method"], r["run"]["rank"], r["run"]["d_initial"])
-        if key not in best or r["alpaca_heldout"]["loss"] < best[key]["alpaca_heldout"]["loss"]:
-            best[key] = r
-    return list(best.values())
+        groups.setdefault(study_run(r).setting, []).append(r)
+    rows = []
+    for runs in groups.values():
+        row = {
+            "name": runs[0]["name"].rsplit("-s", 1)[0] if runs[0]["run"]["seed"] else runs[0]["name"],
+            "run": runs[0]["run"] | {"seed": None},
+            "seeds": sorted(r["run"]["seed"] for r in runs),
+            "trainable_params": runs[0]["trainable_params"],
+            "adapter_bytes": runs[0]["adapter_bytes"],
+            "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+        }
+        for key in ("alpaca_heldout", "lima_heldout"):
+            for measure in ("loss", "accuracy"):
+                values = [r[key][measure] for r in runs if measure in r[key]]
+                if values:
+                    row[f"{key}_{measure}"] = spread(values)
+        rows.append(row)
+    return rows
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), lowest and highest."""
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def gains(rows: list[dict], reference: str = "lora-r8") -> dict[str, dict]:
+    """Each seeded setting's gain over the base (Alpaca held-out loss), per seed, as a share of
+    the reference's mean gain; `clear` when its worst seed beats the reference's best."""
+    base = next(r for r in rows if r["run"]["method"] == "base")["alpaca_heldout_loss"]["mean"]
+    seeded = [r for r in rows if len(r["seeds"]) > 1]
+    ref = next((r for r in seeded if r["name"].startswith(reference + "-")), None)
+    out = {}
+    for row in seeded:
+        loss = row["alpaca_heldout_loss"]
+        entry = {"gain": base - loss["mean"], "gain_min": base - loss["max"], "gain_max": base - loss["min"]}
+        if ref is not None:
+            ref_loss = ref["alpaca_heldout_loss"]
+            entry["share_of_reference"] = entry["gain"] / (base - ref_loss["mean"])
+            entry["clearly_above"] = loss["max"] < ref_loss["min"]
+            entry["clearly_below"] = loss["min"] > ref_loss["max"]
+        out[row["name"]] = entry
+    return out
 
 
 def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | Path) -> None:
+    """Every run's record as JSON, and the plot of the seeded settings' mean loss against size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,35 +385,36 @@ def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | P
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, json_path)
 
-    best = best_per_rank(results)
+    rows = summarize(results)
+    colors = {"vera": "tab:blue", "dvora": "tab:green", "lora": "tab:orange", "dora": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in (
-        (axes[0], "alpaca_heldout", "Alpaca, 100 held-out rows"),
-        (axes[1], "lima_heldout", "LIMA, 50 rows (never trained on)"),
+        (axes[0], "alpaca_heldout_loss", "Alpaca, 100 held-out rows"),
+        (axes[1], "lima_heldout_loss", "LIMA, 50 rows (never trained on)"),
     ):
-        for r in results:
+        for r in rows:
             if r["run"]["method"] == "base":
-                ax.axhline(r[key]["loss"], color="gray", linestyle="--", label="base (no training)")
-        for method, color in (("vera", "tab:blue"), ("lora", "tab:orange")):
-            grid = [r for r in results if r["run"]["method"] == method]
-            ax.scatter(
-                [r["trainable_params"] for r in grid], [r[key]["loss"] for r in grid], color=color, alpha=0.25, s=18
-            )
+                ax.axhline(r[key]["mean"], color="gray", linestyle="--", label="base (no training)")
+        for method, color in colors.items():
             line = sorted(
-                (r for r in best if r["run"]["method"] == method and r["run"]["d_initial"] == 0.1),
+                (r for r in rows if r["run"]["method"] == method and len(r["seeds"]) > 1),
                 key=lambda r: r["trainable_params"],
             )
-            ax.plot(
+            if not line:
+                continue
+            ax.errorbar(
                 [r["trainable_params"] for r in line],
-                [r[key]["loss"] for r in line],
-                "o-",
+                [r[key]["mean"] for r in line],
+                yerr=[[r[key]["mean"] - r[key]["min"] for r in line], [r[key]["max"] - r[key]["mean"] for r in line]],
+                fmt="o-",
                 color=color,
-                label=f"{method} (best learning rate tried)",
+                capsize=3,
+                label=f"{method} (best grid setting, {len(line[0]['seeds'])} seeds)",
             )
             for r in line:
                 ax.annotate(
                     f"r={r['run']['rank']}",
-                    (r["trainable_params"], r[key]["loss"]),
+                    (r["trainable_params"], r[key]["mean"]),
                     textcoords="offset points",
                     xytext=(4, 4),
                     fontsize=8,
@@ -233,7 +425,7 @@ def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | P
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct in NF4: VeRA vs LoRA (faint points: the other runs)", fontsize=10)
+    fig.suptitle("SmolLM2-135M-Instruct in NF4: mean over seeds, bars from lowest to highest seed", fontsize=10)
     fig.tight_layout()
     tmp = Path(plot_path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -241,22 +433,26 @@ def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | P
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per run, as docs/quality.md shows them."""
+    """One row per setting (mean over its seeds, +- the sample standard deviation)."""
     lines = [
-        "| run | trainable params | adapter bytes | train time (s) | "
-        "Alpaca loss | Alpaca ppl | LIMA loss | short-answer exact match |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | seeds | trainable params | adapter bytes | train time (s) | "
+        "Alpaca loss | Alpaca accuracy | LIMA loss | LIMA accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        short = r["alpaca_short_answers"]
-        match = (
-            "-"
-            if short["exact_match"] is None
-            else f"{round(short['exact_match'] * short['examples'])}/{short['examples']}"
-        )
+
+    def cell(row, key, digits, percent=False):
+        if key not in row:
+            return "-"
+        value = row[key]
+        scale = 100 if percent else 1
+        text = f"{value['mean'] * scale:.{digits}f}"
+        return text + (f" ± {value['sd'] * scale:.{digits}f}" if value["n"] > 1 else "")
+
+    for r in summarize(results):
         lines.append(
-            f"| {r['name']} | {r['trainable_params']:,} | {r['adapter_bytes']:,} | {r['train_seconds']:.0f} | "
-            f"{r['alpaca_heldout']['loss']:.4f} | {r['alpaca_heldout']['perplexity']:.2f} "
-            f"| {r['lima_heldout']['loss']:.4f} | {match} |"
+            f"| {r['name']} | {len(r['seeds'])} | {r['trainable_params']:,} | {r['adapter_bytes']:,} | "
+            f"{r['train_seconds']:.0f} | {cell(r, 'alpaca_heldout_loss', 4)} | "
+            f"{cell(r, 'alpaca_heldout_accuracy', 1, True)} | {cell(r, 'lima_heldout_loss', 4)} | "
+            f"{cell(r, 'lima_heldout_accuracy', 1, True)} |"
         )
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from experiments.profiling import attach_variant
 from qvera.core.base import load_base
 from qvera.core.config import ModelConfig
 
-VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:512", "qvera:1024"]
+VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:512", "qvera:1024", "qvera-dvora:512"]
 CONTEXT_VARIANTS = ["qvera:512", "peft-lora:16"]
 GB = 2**30
 

@@ -47,7 +47,17 @@ from experiments.profiling import attach_variant, count_flops, count_saved_tenso
 from qvera.core.hardware import COMPUTE_DTYPES, compute_dtype
 from qvera.core.random_base import SHAPES
 
-VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:256", "qvera:512", "qvera:1024"]
+VARIANTS = [
+    "floor",
+    "peft-lora:16",
+    "peft-lora:64",
+    "peft-dora:16",
+    "peft-vera:512",
+    "qvera:256",
+    "qvera:512",
+    "qvera:1024",
+    "qvera-dvora:512",
+]
 GPU_VARIANTS = train_step_bench.VARIANTS
 
 
@@ -77,7 +87,7 @@ def adapter_bytes(model, method: str) -> int:
     if method == "floor":
         return 0
     with tempfile.TemporaryDirectory() as folder:
-        if method == "qvera":
+        if method.startswith("qvera"):
             save_adapter(model, folder)
         else:
             model.save_pretrained(folder)

@@ -1,6 +1,8 @@
-"""VeRA vs LoRA on SmolLM2-135M-Instruct in NF4: one run per call, or the report of all runs.
+"""VeRA and DVoRA against LoRA and DoRA on SmolLM2-135M-Instruct in NF4: one run per call,
+the whole plan (learning-rate grid, then three seeds per table row), or the report.
 
-python scripts/quality_study.py run --method vera --rank 512 --lr 1e-2
+python scripts/quality_study.py run --method dvora --rank 512 --lr 3e-2 --lr-scale-m 0.1 --seed 1
+python scripts/quality_study.py sweep runs/quality --jobs 2
 python scripts/quality_study.py report runs/quality
 """
 
@@ -14,10 +16,14 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside scripts/
 
 from experiments.quality_study import (
+    METHODS,
     StudyRun,
     collect,
+    gains,
     markdown_table,
     run_one,
+    summarize,
+    sweep,
     write_report,
 )
 
@@ -26,13 +32,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train one adapter (or none: --method base) and evaluate it")
-    run.add_argument("--method", choices=["base", "vera", "lora"], required=True)
+    run.add_argument("--method", choices=METHODS, required=True)
     run.add_argument("--rank", type=int, default=0)
     run.add_argument("--lr", type=float, default=0.0)
     run.add_argument("--d-initial", type=float, default=0.1, help="VeRA's initial value of d")
+    for vector in "dbm":
+        run.add_argument(f"--lr-scale-{vector}", type=float, default=1.0, help=f"{vector}'s lr as a multiple of --lr")
     run.add_argument("--train-rows", type=int, default=128, help="of the 900 training rows (900 for the full study)")
     run.add_argument("--max-length", type=int, default=256)
+    run.add_argument("--seed", type=int, default=0, help="projections or LoRA's A, and the order of the rows")
     run.add_argument("--out", default="runs/quality")
+    plan = sub.add_parser("sweep", help="run the study's whole plan, resuming where it stopped")
+    plan.add_argument("out", nargs="?", default="runs/quality")
+    plan.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     report = sub.add_parser("report", help="collect the runs' results into docs/ (JSON and plot)")
     report.add_argument("runs", nargs="?", default="runs/quality")
     report.add_argument("--json", default="docs/quality_results.json")
@@ -40,12 +52,27 @@ def main():
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     if args.command == "run":
-        spec = StudyRun(args.method, args.rank, args.lr, args.d_initial, args.train_rows, args.max_length)
+        spec = StudyRun(
+            args.method,
+            args.rank,
+            args.lr,
+            d_initial=args.d_initial,
+            lr_scale_d=args.lr_scale_d,
+            lr_scale_b=args.lr_scale_b,
+            lr_scale_m=args.lr_scale_m,
+            train_rows=args.train_rows,
+            max_length=args.max_length,
+            seed=args.seed,
+        )
         result = run_one(spec, args.out)
         print(json.dumps({k: v for k, v in result.items() if k != "train_loss_log"}, indent=2))
+    elif args.command == "sweep":
+        sweep(args.out, args.jobs)
     else:
         write_report(args.runs, args.json, args.plot)
-        print(markdown_table(collect(args.runs)))
+        results = collect(args.runs)
+        print(markdown_table(results))
+        print(json.dumps(gains(summarize(results)), indent=2))
         print(f"wrote {args.json} and {args.plot}")
 
 

@@ -23,6 +23,7 @@ def test_bench_writes_rows_with_ratios(tiny_llama_dir, tmp_path):
         "floor",
         "peft-vera:32",
         "qvera:32",
+        "qvera-dvora:32",
         "--reference-rank",
         "32",
         "--batch",
@@ -52,6 +53,12 @@ def test_bench_writes_rows_with_ratios(tiny_llama_dir, tmp_path):
     assert rows["qvera"]["trainable"] == rows["peft-vera"]["trainable"] > 0  # same vectors, same count
     assert rows["qvera"]["tflop"] > rows["floor"]["tflop"] > 0
     assert rows["qvera"]["adapter_bytes"] > 0 and rows["floor"]["adapter_bytes"] == 0
+    # DVoRA adds one magnitude per output row, as many as VeRA's b: VeRA's count (layers x r d
+    # entries + the b entries) minus the added ones leaves layers x 32.
+    vera, dvora = rows["qvera"]["trainable"], rows["qvera-dvora"]["trainable"]
+    assert dvora > vera and (2 * vera - dvora) > 0 and (2 * vera - dvora) % 32 == 0
+    assert rows["qvera-dvora"]["adapter_bytes"] > rows["qvera"]["adapter_bytes"]
+    assert rows["qvera-dvora"]["tflop"] >= rows["qvera"]["tflop"]
 
 
 def test_bench_refuses_a_run_without_the_floor():

@@ -257,7 +257,7 @@ class VeraLinear(nn.Module):
         forward, every decoding step)."""
         weight = self.base_layer.weight
         key = (weight.data_ptr(), weight._version)
-        if self._norm_cache is not None:
+        if self._norm_cache is not None and not weight.is_meta:  # meta tensors hold no values to compare
             cached_key, cached_d, cached_b, norms = self._norm_cache
             if cached_key == key and torch.equal(cached_d, lambda_d) and torch.equal(cached_b, lambda_b):
                 return norms

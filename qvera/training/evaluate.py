@@ -1,4 +1,5 @@
-"""Held-out quality: loss and perplexity on the answer tokens, and exact match on short answers.
+"""Held-out quality: loss, perplexity and next-token accuracy on the answer tokens, and exact
+match on short answers.
 
 The loss sees exactly what training sees (qvera.data's chat rendering, assistant tokens only,
 sequences cut to `max_length` from the end), so a run's number is comparable to its training
@@ -51,7 +52,8 @@ def tokenize_examples(tokenizer, convs: list, max_length: int) -> list[dict]:
 
 
 def heldout_loss(model: nn.Module, tokenizer, convs: list, max_length: int = 256, batch_size: int = 8) -> dict:
-    """Mean negative log-likelihood per answer token, its perplexity, and the counts behind it.
+    """Mean negative log-likelihood per answer token, its perplexity, the share of answer tokens
+    that are the model's greedy pick (`accuracy`), and the counts behind them.
 
     Autograd stays on: bitsandbytes' no-grad CPU path for 4-bit layers (a fused kernel, slow
     without the optional `kernels` package) took 3x longer than the dequantize-and-matmul path
@@ -62,7 +64,7 @@ def heldout_loss(model: nn.Module, tokenizer, convs: list, max_length: int = 256
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, hits = 0.0, 0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         width = max(len(r["input_ids"]) for r in batch)
@@ -78,7 +80,9 @@ def heldout_loss(model: nn.Module, tokenizer, convs: list, max_length: int = 256
             logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         total += nll.item()
-        tokens += int((targets != IGNORE_INDEX).sum())
+        scored = targets != IGNORE_INDEX
+        tokens += int(scored.sum())
+        hits += int((logits[:, :-1].argmax(-1) == targets)[scored].sum())
     model.train(was_training)
     if tokens == 0:
         raise ValueError(
@@ -86,7 +90,13 @@ def heldout_loss(model: nn.Module, tokenizer, convs: list, max_length: int = 256
             "raise max_length or use rows with shorter prompts"
         )
     loss = total / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "examples": len(rows)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "accuracy": hits / tokens,
+        "tokens": tokens,
+        "examples": len(rows),
+    }
 
 
 def normalize_answer(text: str) -> str:

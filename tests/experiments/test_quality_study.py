@@ -4,58 +4,137 @@ import math
 import pytest
 
 from experiments.quality_study import (
+    GRID,
+    GRID_RANK,
+    SEEDS,
+    TABLE_RANKS,
     StudyRun,
-    best_per_rank,
+    best_setting,
     collect,
+    command,
+    gains,
     markdown_table,
+    seeded_runs,
+    summarize,
+    sweep,
     write_report,
 )
 
 
-def fake_result(folder, method, rank, lr, loss, params):
-    run = StudyRun(method, rank, lr)
+def fake_result(folder, run: StudyRun, loss, params, lima_accuracy=0.4):
     result = {
-        "run": {"method": method, "rank": rank, "learning_rate": lr, "d_initial": 0.1},
+        "run": {
+            "method": run.method,
+            "rank": run.rank,
+            "learning_rate": run.learning_rate,
+            "d_initial": run.d_initial,
+            "lr_scale_d": run.lr_scale_d,
+            "lr_scale_b": run.lr_scale_b,
+            "lr_scale_m": run.lr_scale_m,
+            "seed": run.seed,
+        },
         "name": run.name,
         "trainable_params": params,
-        "alpaca_heldout": {"loss": loss, "perplexity": math.exp(loss)},
-        "lima_heldout": {"loss": loss + 0.5},
-        "alpaca_short_answers": {"exact_match": 0.25, "examples": 12},
+        "alpaca_heldout": {"loss": loss, "perplexity": math.exp(loss), "accuracy": 0.5},
+        "lima_heldout": {"loss": loss + 0.5, "accuracy": lima_accuracy},
         "adapter_bytes": 4 * params,
         "train_seconds": 100.0,
     }
-    (folder / run.name).mkdir(parents=True)
+    (folder / run.name).mkdir(parents=True, exist_ok=True)
     (folder / run.name / "result.json").write_text(json.dumps(result))
 
 
-def test_report_picks_the_best_learning_rate_per_rank(tmp_path):
+def test_seeds_average_into_one_row_with_their_spread(tmp_path):
     runs = tmp_path / "runs"
-    fake_result(runs, "base", 0, 0.0, 2.0, 0)
-    fake_result(runs, "vera", 512, 1e-2, 1.8, 263_040)
-    fake_result(runs, "vera", 512, 3e-2, 1.7, 263_040)
-    fake_result(runs, "lora", 16, 1e-3, 1.6, 4_884_480)
+    fake_result(runs, StudyRun("base"), 2.0, 0)
+    for seed, loss in enumerate((1.70, 1.72, 1.74)):
+        fake_result(runs, StudyRun("vera", 512, 3e-2, seed=seed), loss, 263_040)
+    for seed, loss in enumerate((1.60, 1.61, 1.62)):
+        fake_result(runs, StudyRun("lora", 8, 3e-3, seed=seed), loss, 2_442_240)
+    fake_result(runs, StudyRun("vera", 512, 1e-2), 1.9, 263_040)  # a grid run: one seed
     write_report(runs, tmp_path / "results.json", tmp_path / "plot.png")
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["name"] for r in results] == [
-        "base",
-        "vera-r512-lr0.01-n128",
-        "vera-r512-lr0.03-n128",
-        "lora-r16-lr0.001-n128",
-    ]
-    best = {r["name"] for r in best_per_rank(collect(runs))}
-    assert best == {"base", "vera-r512-lr0.03-n128", "lora-r16-lr0.001-n128"}
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 8  # every run's own record
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = markdown_table(results).splitlines()
+
+    rows = {r["name"]: r for r in summarize(collect(runs))}
+    assert set(rows) == {"base", "vera-r512-lr0.01-n128", "vera-r512-lr0.03-n128", "lora-r8-lr0.003-n128"}
+    vera = rows["vera-r512-lr0.03-n128"]
+    assert vera["seeds"] == [0, 1, 2]
+    assert vera["alpaca_heldout_loss"]["mean"] == pytest.approx(1.72)
+    assert vera["alpaca_heldout_loss"]["sd"] == pytest.approx(0.02)
+    assert (vera["alpaca_heldout_loss"]["min"], vera["alpaca_heldout_loss"]["max"]) == (1.70, 1.74)
+
+    gain = gains(summarize(collect(runs)))
+    assert gain["vera-r512-lr0.03-n128"]["gain"] == pytest.approx(0.28)
+    assert gain["vera-r512-lr0.03-n128"]["share_of_reference"] == pytest.approx(0.28 / 0.39)
+    assert gain["vera-r512-lr0.03-n128"]["clearly_below"] and not gain["vera-r512-lr0.03-n128"]["clearly_above"]
+    assert "vera-r512-lr0.01-n128" not in gain  # one seed: no spread to judge by
+
+    table = markdown_table(collect(runs)).splitlines()
     assert len(table) == 2 + 4
-    assert table[3] == "| vera-r512-lr0.01-n128 | 263,040 | 1,052,160 | 100 | 1.8000 | 6.05 | 2.3000 | 3/12 |"
+    assert "| vera-r512-lr0.03-n128 | 3 | 263,040 | 1,052,160 | 100 | 1.7200 ± 0.0200 | 50.0 ± 0.0 |" in table[4]
 
 
-def test_run_names_and_bad_runs():
+def test_the_plan_takes_each_methods_best_grid_setting_to_every_rank_and_seed(tmp_path):
+    runs = tmp_path / "runs"
+    fake_result(runs, StudyRun("dvora", 512, 1e-2, lr_scale_m=0.1), 1.75, 1)
+    fake_result(runs, StudyRun("dvora", 512, 3e-2, lr_scale_m=0.1), 1.70, 1)
+    fake_result(runs, StudyRun("dvora", 512, 3e-2), 1.72, 1)
+    fake_result(runs, StudyRun("dvora", 1024, 1e-1, seed=0), 1.60, 1)  # not a grid run: not chosen
+    results = collect(runs)
+    assert best_setting(results, "dvora") == StudyRun("dvora", 512, 3e-2, lr_scale_m=0.1)
+    assert best_setting(results, "lora") is None and seeded_runs(results, "lora") == []
+    planned = seeded_runs(results, "dvora")
+    assert [(r.rank, r.seed) for r in planned] == [(rank, s) for rank in TABLE_RANKS["dvora"] for s in SEEDS]
+    assert {(r.learning_rate, r.lr_scale_m) for r in planned} == {(3e-2, 0.1)}
+    # every grid run is at its method's grid rank, seed 0, and each method has one
+    assert all(r.seed == 0 and r.rank == GRID_RANK.get(r.method, 0) for r in GRID)
+    assert {r.method for r in GRID} == {"base", *GRID_RANK}
+
+
+def test_run_names_and_commands_round_trip():
+    run = StudyRun("dvora", 1024, 3e-2, lr_scale_m=0.1, seed=2)
+    assert run.name == "dvora-r1024-lr0.03-sm0.1-n128-s2"
+    assert command(run) == ["--method", "dvora", "--rank", "1024", "--lr", "0.03", "--lr-scale-m", "0.1", "--seed", "2"]
     assert StudyRun("vera", 256, 3e-2, d_initial=1.0).name == "vera-r256-lr0.03-d1-n128"
-    assert StudyRun("base").name == "base"
+    assert StudyRun("base").name == "base" and command(StudyRun("base")) == ["--method", "base"]
+
+
+def test_bad_runs_are_refused_by_name():
     with pytest.raises(ValueError, match="method must be one of"):
-        StudyRun("dora", 8, 1e-3)
+        StudyRun("adalora", 8, 1e-3)
     with pytest.raises(ValueError, match="a lora run needs --rank >= 1 and --lr > 0"):
         StudyRun("lora", 0, 1e-3)
+    with pytest.raises(ValueError, match="a dora run takes neither"):
+        StudyRun("dora", 8, 1e-3, lr_scale_b=2.0)
+    with pytest.raises(ValueError, match="a vera run has no magnitudes"):
+        StudyRun("vera", 8, 1e-3, lr_scale_m=0.1)
     with pytest.raises(FileNotFoundError, match="no results under"):
         collect("/nonexistent")
+
+
+def test_sweep_runs_the_grid_then_each_methods_seeds_and_resumes(tmp_path):
+    """A fake launcher finishes each run at once with a loss that favours one setting per method."""
+    favoured = {"vera-r512-lr0.03-n128", "dvora-r512-lr0.1-sm0.1-n128", "lora-r8-lr0.003-n128", "dora-r8-lr0.001-n128"}
+
+    class Finished:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def launch(run, out_dir):
+        best = run.name in favoured
+        loss = 2.0 if run.method == "base" else (1.5 if best else 1.8) - run.rank * 1e-6 + run.seed * 1e-3
+        fake_result(out_dir, run, loss, run.rank)
+        return Finished()
+
+    started = sweep(tmp_path, jobs=2, poll_seconds=0, launch=launch)
+    assert started[: len(GRID)] == [run.name for run in GRID]
+    seeded = started[len(GRID) :]
+    assert len(seeded) == len(set(seeded)) == sum(len(r) * len(SEEDS) for r in TABLE_RANKS.values()) - 4 * 1
+    assert "vera-r2048-lr0.03-n128-s2" in seeded and "dvora-r1024-lr0.1-sm0.1-n128-s1" in seeded
+    assert "lora-r16-lr0.003-n128" in seeded and "dora-r8-lr0.001-n128-s2" in seeded
+    assert sweep(tmp_path, poll_seconds=0, launch=launch) == []  # everything finished: nothing to do
+    (tmp_path / "vera-r1024-lr0.03-n128-s1" / "result.json").unlink()  # as if killed
+    assert sweep(tmp_path, poll_seconds=0, launch=launch) == ["vera-r1024-lr0.03-n128-s1"]

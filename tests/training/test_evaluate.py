@@ -63,6 +63,20 @@ def test_heldout_loss_equals_the_models_own_loss(tiny):
     assert 5 < result["loss"] < 15  # a random model over a 49k vocabulary: about ln(49152) = 10.8
 
 
+def test_accuracy_counts_answer_tokens_the_model_would_pick(tiny):
+    model, tokenizer = tiny
+    hits = tokens = 0
+    for row in tokenize_examples(tokenizer, CONVS, 64):  # one example at a time: no padding
+        with torch.no_grad():
+            picks = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].argmax(-1)
+        targets = torch.tensor(row["labels"][1:])
+        scored = targets != -100
+        hits += int((picks[scored] == targets[scored]).sum())
+        tokens += int(scored.sum())
+    result = heldout_loss(model, tokenizer, CONVS, max_length=64, batch_size=2)
+    assert tokens == result["tokens"] and result["accuracy"] == hits / tokens
+
+
 def test_only_answer_tokens_count_and_truncation_applies(tiny):
     model, tokenizer = tiny
     rows = tokenize_examples(tokenizer, CONVS[2:], max_length=1000)
