@@ -222,16 +222,17 @@ def study_run(result: dict) -> StudyRun:
 
 # The plan: each method's learning-rate grid at one rank with seed 0, then every rank the
 # table shows at the method's best setting, three seeds each.
-GRID_RANK = {"vera": 512, "dvora": 512, "lora": 8, "dora": 8}
+GRID_RANK = {"lora": 8, "vera": 512, "dvora": 512, "dora": 8}
 GRID = [
     StudyRun("base"),
+    # LoRA at 1e-3 was clearly behind 3e-3 in the first study (1.7316 against 1.7055).
+    *(StudyRun("lora", 8, lr) for lr in (3e-3, 1e-2)),
     *(StudyRun("vera", 512, lr) for lr in (1e-2, 3e-2, 1e-1)),
-    StudyRun("vera", 512, 3e-2, lr_scale_d=0.3),
+    *(StudyRun("vera", 512, 3e-2, lr_scale_d=scale) for scale in (0.3, 3.0)),
     StudyRun("vera", 512, 3e-2, lr_scale_b=3.0),
-    *(StudyRun("dvora", 512, lr, lr_scale_m=0.1) for lr in (1e-2, 3e-2, 1e-1)),
+    *(StudyRun("dvora", 512, lr, lr_scale_m=0.1) for lr in (3e-2, 1e-1)),
     StudyRun("dvora", 512, 3e-2),
-    *(StudyRun("lora", 8, lr) for lr in (1e-3, 3e-3, 1e-2)),
-    *(StudyRun("dora", 8, lr) for lr in (1e-3, 3e-3, 1e-2)),
+    *(StudyRun("dora", 8, lr) for lr in (3e-3, 1e-2)),
 ]
 TABLE_RANKS = {"vera": (512, 1024, 2048), "dvora": (512, 1024), "lora": (8, 16), "dora": (8,)}
 SEEDS = (0, 1, 2)
@@ -269,18 +270,30 @@ def command(run: StudyRun) -> list[str]:
     return flags
 
 
-def launch_run(run: StudyRun, out_dir: Path) -> subprocess.Popen:
-    """One run in its own process with one thread, its output in `<out_dir>/<name>/log.txt`."""
+def launch_run(run: StudyRun, out_dir: Path, threads: int = 1) -> subprocess.Popen:
+    """One run in its own process, its output in `<out_dir>/<name>/log.txt`."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "quality_study.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     (out_dir / run.name).mkdir(parents=True, exist_ok=True)
     with open(out_dir / run.name / "log.txt", "a") as log:
         argv = [sys.executable, str(script), "run", *command(run), "--out", str(out_dir)]
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def sweep(out_dir: str | Path, jobs: int = 2, poll_seconds: float = 5.0, launch=launch_run) -> list[str]:
-    """Run the whole plan, `jobs` runs at a time, skipping finished runs; return the names started.
+def priority(run: StudyRun) -> tuple:
+    """Grid runs first; then the seeds of each method's grid rank, so the table's main rows
+    fill first if the sweep is cut short; the other ranks last."""
+    if run.seed == 0 and run.rank == GRID_RANK.get(run.method, 0):
+        return (0, 0)
+    return (1, TABLE_RANKS[run.method].index(run.rank), run.seed)
+
+
+def sweep(
+    out_dir: str | Path, jobs: int = 1, threads: int = 2, poll_seconds: float = 5.0, launch=launch_run
+) -> list[str]:
+    """Run the whole plan, `jobs` runs at a time with `threads` threads each, skipping finished
+    runs; return the names started. On an otherwise idle 2-core machine one run with two
+    threads finished runs about twice as fast as two runs with one thread each.
 
     A method's seeded runs start once its grid is done. Interrupted, it resumes where it
     stopped: finished runs keep their result.json, and a run killed after training resumes
@@ -309,11 +322,12 @@ def sweep(out_dir: str | Path, jobs: int = 2, poll_seconds: float = 5.0, launch=
                     planned.add(run.name)
                     if not done(run):
                         queue.append(run)
+        queue.sort(key=priority)  # stable: the grid first, then every method's grid rank, then the others
         if not queue and not running:
             return started
         while queue and len(running) < jobs:
             run = queue.pop(0)
-            running[run.name] = launch(run, out_dir)
+            running[run.name] = launch(run, out_dir, threads)
             started.append(run.name)
             print(f"{time.strftime('%H:%M:%S')} {run.name}: started", flush=True)
         time.sleep(poll_seconds)

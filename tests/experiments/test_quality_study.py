@@ -123,7 +123,7 @@ def test_sweep_runs_the_grid_then_each_methods_seeds_and_resumes(tmp_path):
         def poll(self):
             return 0
 
-    def launch(run, out_dir):
+    def launch(run, out_dir, threads):
         best = run.name in favoured
         loss = 2.0 if run.method == "base" else (1.5 if best else 1.8) - run.rank * 1e-6 + run.seed * 1e-3
         fake_result(out_dir, run, loss, run.rank)
