@@ -12,7 +12,8 @@ stay one matmul for the batch. Cancelled, finished and timed-out rows leave at t
 Attention runs row by row over each row's own keys (`qvera.serving.invariance`), whatever pads
 the joining and leaving rows leave between them. With `batch_invariant` the matrix products run
 on fixed row tiles, attention in fixed query tiles, and a prompt's chunks start on multiples of
-that tile: a row's numbers, and so its greedy reply, are then those of its request alone.
+that tile (at least one tile a prompt a step, past `prefill_tokens` when many prompts share the
+step): a row's numbers, and so its greedy reply, are then those of its request alone.
 """
 
 from __future__ import annotations
