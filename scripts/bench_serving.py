@@ -7,6 +7,11 @@ prompts and adapters (random vectors; speed does not depend on their values):
 - single: one batch, all rows with one adapter (the plain VeRA forward);
 - loop:   one adapter at a time, each running the prompts that use it (here one each).
 
+With `--server`, the server's own path instead: its continuous batcher (no HTTP) answers the
+P prompts, each with its own adapter, in the default mode and with `batch_invariant`, the two
+alternating. The prefill budget holds every prompt, so each decode step runs the full mixed
+batch; decode tokens/s counts those steps' tokens over their forward time.
+
 Every row decodes exactly `--new-tokens` tokens (no end token stops it). Decode tokens/s
 counts the tokens after the first, over the time after the prefill; `--repeats` runs the
 three in turn (mixed and single swap places every other repeat) and keeps each one's best,
@@ -17,6 +22,7 @@ rank and dtype fit in 1 GB (10^9 bytes; sizes from a meta-device model).
     python scripts/bench_serving.py                    # SmolLM2-135M in NF4, 32 adapters at r=512
     python scripts/bench_serving.py --json serving.json
     python scripts/bench_serving.py --threads 1 --new-tokens 8 --loop-adapters 8   # a busy CPU
+    python scripts/bench_serving.py --threads 1 --new-tokens 8 --server            # batch-invariant cost
 """
 
 from __future__ import annotations
@@ -25,20 +31,25 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside scripts/
 
 from experiments.profiling import llama2_7b_adapter_size
+from qvera.adapters import save_adapter
 from qvera.core.attach import vector_state
 from qvera.serving.bank import AdapterBank
 from qvera.serving.generation import Sampling, chat_prompt, decode_steps
+from qvera.serving.scheduler import Job, Scheduler
+from qvera.serving.store import AdapterStore
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "alpaca_en_demo.json"
 
@@ -54,6 +65,60 @@ def timed_decode(model, tokenizer, prompts, new_tokens, context) -> tuple[float,
         for _ in steps:
             pass
         return prefilled - start, time.perf_counter() - prefilled
+
+
+def served_decode(model, tokenizer, store, prompts, names, new_tokens, batch_invariant) -> tuple[float, int]:
+    """(decode forward seconds, decode tokens) of the server's continuous batcher answering all
+    prompts at once, prompt i with adapter names[i]."""
+    scheduler = Scheduler(
+        model,
+        tokenizer,
+        store,
+        max_batch_size=len(prompts),
+        prefill_tokens=sum(len(p) for p in prompts),  # one prefill step: then every decode step is the full batch
+        batch_invariant=batch_invariant,
+    )
+    scheduler.end_ids = set()  # every row makes exactly new_tokens tokens
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=new_tokens)
+    done = [threading.Event() for _ in prompts]
+    for prompt, name, finished in zip(prompts, names, done):
+        scheduler.submit(Job(prompt, name, greedy, lambda event, f=finished: event[0] != "text" and f.set()))
+    scheduler.start()
+    for finished in done:
+        finished.wait()
+    scheduler.close()
+    stats = scheduler.stats
+    if stats.failed:
+        sys.exit("error: the scheduler failed a step; see above")
+    return stats.decode_seconds_total, stats.tokens - len(prompts)  # each prompt's first token comes from its prefill
+
+
+def bench_server(model, tokenizer, bank, names, prompts, args) -> None:
+    """Default against batch-invariant mode on the server's batcher, alternating, best of repeats."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            load_vector_state(model, bank.adapters[name])
+            save_adapter(model, Path(folder) / name)
+        store = AdapterStore(model, folder, max_resident=len(names))
+        best: dict[str, float] = {}
+        for repeat in range(args.repeats):
+            modes = (False, True) if repeat % 2 == 0 else (True, False)  # neither always goes first
+            for invariant in modes:
+                seconds, tokens = served_decode(model, tokenizer, store, prompts, names, args.new_tokens, invariant)
+                label = "batch_invariant" if invariant else "default"
+                best[label] = max(best.get(label, 0.0), tokens / seconds)
+            print(f"repeat {repeat + 1}/{args.repeats}: {best}", file=sys.stderr, flush=True)
+    ratio = best["batch_invariant"] / best["default"]
+    print(
+        f"{args.model} ({args.quantization}), rank {args.rank}, {len(prompts)} prompts with {len(names)} adapters, "
+        f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads; the server's batcher, mixed-batch decode:"
+    )
+    for label, speed in best.items():
+        print(f"  {label:15} {speed:8.1f} decode tokens/s")
+    print(f"  batch_invariant / default = {ratio:.3f}")
+    if args.json:
+        results = {"decode_tokens_per_s": best, "batch_invariant_over_default": ratio, "setting": vars(args)}
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -72,6 +137,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--server", action="store_true", help="time the server's batcher, default against batch-invariant mode"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,6 +153,10 @@ def main() -> None:
         bank.add(name, {k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in vector_state(model).items()})
     rows = json.loads(PROMPTS.read_text())[: args.adapters]
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": r["instruction"]}]) for r in rows]
+
+    if args.server:
+        bench_server(model, tokenizer, bank, names, prompts, args)
+        return
 
     loop_count = min(args.loop_adapters or len(prompts), len(prompts))
     best: dict[str, tuple[float, float]] = {}

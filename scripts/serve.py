@@ -55,6 +55,11 @@ def main() -> None:
     parser.add_argument(
         "--request-timeout", type=float, default=options.request_timeout, help="seconds a generation may take"
     )
+    parser.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="a reply is bit for bit that of its request alone, whatever shares the batch (slower)",
+    )
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="when a request gives none")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="when a request gives none")
     parser.add_argument("--max-tokens", type=int, default=defaults.max_new_tokens, help="when a request gives none")
@@ -74,6 +79,7 @@ def main() -> None:
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
         defaults=Sampling(args.temperature, args.top_p, args.max_tokens),
+        batch_invariant=args.batch_invariant,
     )
     try:
         server = Server(model, tokenizer, args.adapters, options)

@@ -46,6 +46,7 @@ class ServeOptions:
     max_body_bytes: int = 1_000_000
     request_timeout: float = 600.0  # seconds a generation may take, queueing included
     defaults: Sampling = field(default_factory=Sampling)
+    batch_invariant: bool = False  # replies bit for bit those of each request alone, at some speed
 
 
 class Server:
@@ -58,7 +59,12 @@ class Server:
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.store = AdapterStore(model, adapters_folder, options.max_resident)
         self.scheduler = Scheduler(
-            model, tokenizer, self.store, max_batch_size=options.max_batch_size, prefill_tokens=options.prefill_tokens
+            model,
+            tokenizer,
+            self.store,
+            max_batch_size=options.max_batch_size,
+            prefill_tokens=options.prefill_tokens,
+            batch_invariant=options.batch_invariant,
         )
         self.app = self._routes(FastAPI(title="qvera", docs_url=None, redoc_url=None, openapi_url=None))
         self.uvicorn: uvicorn.Server | None = None

@@ -1,14 +1,19 @@
 """Keeping a row's numbers independent of its batch-mates while generating.
 
-Two things make a left-padded row's logits depend on what else shares its batch:
+Three things make a row's logits depend on what else shares its batch:
 
 - Attention. SDPA's CPU kernel walks the keys in fixed blocks from the left edge, so the pads in
   front of a short row move where its keys fall in those blocks and its sums round otherwise;
   and once a padding mask exists transformers takes another route (repeat_kv, or pack_gqa for
   one query, instead of enable_gqa and is_causal). `row_attention` runs each row over its own
-  keys only: the very call that row makes alone, so padding and batch-mates drop out exactly.
+  keys only, gathered past any pads between them: the very call that row makes alone, so
+  padding and batch-mates drop out exactly.
+- Prefill chunks. A continuous batch feeds a prompt in chunks whose size depends on how many
+  prompts share the step, and SDPA's sums for a query change with the queries and keys of its
+  call. In fixed query tiles (starting at multiples of QUERY_TILE) each query meets the same
+  call however its prompt was cut, provided the chunks start on those multiples.
 - Matrix products. oneDNN and MKL pick their blocking from the whole problem size, so a row's
-  dot products round differently when a product has 1, 12 or 400 rows. `fixed_row_tiles` runs
+  dot products round differently when a product has 1, 12 or 400 rows. `FixedRowTiles` runs
   every product on tiles of exactly the same number of rows (zero-filled at the end), so each
   row meets the same kernel whatever the batch; it costs the products of the filler rows.
 """
@@ -25,54 +30,108 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ROW_ATTENTION = "qvera_row_sdpa"
+TILED_ROW_ATTENTION = "qvera_row_sdpa_tiled"
 TILE_ROWS = 32
+QUERY_TILE = 16  # queries per attention call in the batch-invariant mode; prefill chunks start on its multiples
 
 
-def row_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA one row at a time over that row's real keys, for left-padded rows.
+def row_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, query_tile=None, **kwargs
+):
+    """SDPA one row at a time over that row's real keys, wherever its pads sit.
 
     query (batch, heads, q, dim); key and value (batch, kv_heads, kv, dim); attention_mask None
-    (no padding) or bool (batch, 1, q, kv). Padding queries get zeros: nothing real reads them.
+    (no padding) or bool (batch, 1, q, kv), causal. Query i sits at key position kv - q + i, so
+    it is real where that key is. A left-padded row is sliced; a row with pads between its keys
+    (a continuous batch's rows joining, leaving and taking chunks of unequal length) has its real
+    keys gathered. Either way the row makes the call it makes alone. Padding queries get zeros:
+    nothing real reads them. `query_tile`: see `_attend`.
     """
     batch, heads, q_length, _ = query.shape
     kv_length = key.shape[2]
-    if attention_mask is None:
-        starts = [0] * batch
-    else:
-        # The last query sees every real key of its row; left padding puts all the pads first.
-        starts = (kv_length - attention_mask[:, 0, -1].sum(-1)).tolist()
     output = query.new_zeros(batch, q_length, heads, value.shape[-1])
-    for row, start in enumerate(starts):
-        first_query = max(0, start - (kv_length - q_length))
-        q = query[row : row + 1, :, first_query:]
-        k, v = key[row : row + 1, :, start:], value[row : row + 1, :, start:]
+    if attention_mask is None:
+        real = torch.ones(batch, kv_length, dtype=torch.bool, device=key.device)
+    else:
+        real = attention_mask[:, 0, -1]  # the last query sees every real key of its row, in causal masks
+    counts = real.sum(-1)
+    left_padded = (real == (torch.arange(kv_length, device=real.device) >= kv_length - counts[:, None])).all(-1)
+    for row, (count, contiguous) in enumerate(zip(counts.tolist(), left_padded.tolist())):
+        if contiguous:  # the fast path: slices, no copies
+            start = kv_length - count
+            first_query = max(0, start - (kv_length - q_length))
+            queries = slice(first_query, q_length)
+            keys = slice(start, kv_length)
+        else:
+            keys = real[row].nonzero().squeeze(-1)
+            queries = real[row, kv_length - q_length :].nonzero().squeeze(-1)
+        q = query[row : row + 1, :, queries]
+        k, v = key[row : row + 1, :, keys], value[row : row + 1, :, keys]
+        if q.shape[2] == 0:
+            continue
         mask = None
-        if 1 < q.shape[2] < k.shape[2]:  # queries after cached keys: is_causal would align them top-left
-            mask = attention_mask[row : row + 1, :, first_query:, start:]
-        attended = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=dropout,
-            is_causal=mask is None and q.shape[2] > 1,
-            scale=scaling,
-            enable_gqa=heads != k.shape[1],
-        )
-        output[row, first_query:] = attended[0].transpose(0, 1)
+        if attention_mask is not None and 1 < q.shape[2] < k.shape[2]:
+            mask = attention_mask[row : row + 1, :, queries][..., keys]
+        output[row, queries] = _attend(q, k, v, mask, dropout, scaling, query_tile).transpose(0, 1)
     return output, None
+
+
+def _attend(q, k, v, mask, dropout, scaling, query_tile):
+    """One row's attention, (heads, queries, dim): its queries are its last real positions.
+
+    With `query_tile`, queries go in tiles that start at multiples of it in the row's own
+    positions, each over the keys up to its last query: then a query's numbers depend neither on
+    how a prompt was cut into prefill chunks (chunks starting on tile multiples) nor on the
+    other queries of the call. SDPA's sums shift with both otherwise.
+    """
+    queries, keys = q.shape[2], k.shape[2]
+    first = keys - queries  # the row's position of the first query
+    bounds = [(first, keys)]
+    if query_tile is not None:
+        starts = [first] + list(range((first // query_tile + 1) * query_tile, keys, query_tile))
+        bounds = list(zip(starts, starts[1:] + [keys]))
+    attended = []
+    for start, end in bounds:
+        tile_q = q[:, :, start - first : end - first]
+        tile_mask = None
+        if 1 < end - start < end:  # queries after earlier keys: is_causal would align them top-left
+            if mask is None:
+                tile_mask = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
+            else:
+                tile_mask = mask[:, :, start - first : end - first, :end]
+        attended.append(
+            F.scaled_dot_product_attention(
+                tile_q,
+                k[:, :, :end],
+                v[:, :, :end],
+                attn_mask=tile_mask,
+                dropout_p=dropout,
+                is_causal=tile_mask is None and end - start > 1,
+                scale=scaling,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )[0]
+        )
+    return torch.cat(attended, dim=1) if len(attended) > 1 else attended[0]
+
+
+def tiled_row_attention_forward(*args, **kwargs):
+    """`row_attention_forward` with queries in tiles of QUERY_TILE: the batch-invariant mode's."""
+    return row_attention_forward(*args, **kwargs, query_tile=QUERY_TILE)
 
 
 AttentionInterface.register(ROW_ATTENTION, row_attention_forward)
 AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+AttentionInterface.register(TILED_ROW_ATTENTION, tiled_row_attention_forward)
+AttentionMaskInterface.register(TILED_ROW_ATTENTION, sdpa_mask)
 
 
 @contextmanager
-def row_attention(model: nn.Module):
-    """Within this context the model's attention runs row by row (see `row_attention_forward`)."""
+def row_attention(model: nn.Module, query_tiles: bool = False):
+    """Within this context the model's attention runs row by row (see `row_attention_forward`),
+    with `query_tiles` in fixed query tiles too."""
     config = model.config
     previous = config._attn_implementation
-    config._attn_implementation = ROW_ATTENTION
+    config._attn_implementation = TILED_ROW_ATTENTION if query_tiles else ROW_ATTENTION
     try:
         yield
     finally:
@@ -126,7 +185,8 @@ class FixedRowTiles(TorchDispatchMode):
 
 @contextmanager
 def generation_numerics(model: nn.Module, batch_invariant: bool):
-    """How `decode_steps` runs each forward: always row by row in attention; with
-    `batch_invariant`, matrix products on fixed row tiles too."""
-    with row_attention(model), FixedRowTiles() if batch_invariant else nullcontext():
+    """How `decode_steps` and the server's scheduler run each forward: always row by row in
+    attention; with `batch_invariant`, attention in fixed query tiles and matrix products on
+    fixed row tiles too."""
+    with row_attention(model, query_tiles=batch_invariant), FixedRowTiles() if batch_invariant else nullcontext():
         yield

@@ -8,6 +8,12 @@ steps with decode steps between them, and the rows already answering keep gettin
 prompt whose last chunk is in moves, with its KV cache, into the running batch (`CacheRows`).
 Each forward gathers every row's (d, b) from the AdapterBank while `A x` and the product by B
 stay one matmul for the batch. Cancelled, finished and timed-out rows leave at the next step.
+
+Attention runs row by row over each row's own keys (`qvera.serving.invariance`), whatever pads
+the joining and leaving rows leave between them. With `batch_invariant` the matrix products run
+on fixed row tiles, attention in fixed query tiles, and a prompt's chunks start on multiples of
+that tile (at least one tile a prompt a step, past `prefill_tokens` when many prompts share the
+step): a row's numbers, and so its greedy reply, are then those of its request alone.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from qvera.serving.generation import Sampling, end_token_ids
+from qvera.serving.invariance import QUERY_TILE, generation_numerics
 from qvera.serving.kv_rows import CacheRows
 from qvera.serving.openai_schema import RequestError
 from qvera.serving.sampling import ReplyText, pick_rows, token_logprobs
@@ -83,7 +91,14 @@ class Stats:
 
 class Scheduler:
     def __init__(
-        self, model: nn.Module, tokenizer, store: AdapterStore, *, max_batch_size: int = 32, prefill_tokens: int = 128
+        self,
+        model: nn.Module,
+        tokenizer,
+        store: AdapterStore,
+        *,
+        max_batch_size: int = 32,
+        prefill_tokens: int = 128,
+        batch_invariant: bool = False,
     ):
         if max_batch_size < 1 or prefill_tokens < 1:
             raise ValueError(
@@ -91,6 +106,7 @@ class Scheduler:
             )
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch_size, self.prefill_tokens = max_batch_size, prefill_tokens
+        self.batch_invariant = batch_invariant
         self.end_ids = end_token_ids(model, tokenizer)
         self.device = model.get_input_embeddings().weight.device
         self.inbox: queue.Queue[Job] = queue.Queue()
@@ -205,12 +221,14 @@ class Scheduler:
     def _prefill_step(self) -> None:
         rows = self.prefill_rows
         share = max(self.prefill_tokens // len(rows), 1)
+        if self.batch_invariant:  # whole query tiles, so a chunk's bounds never depend on the load
+            share = max(share // QUERY_TILE, 1) * QUERY_TILE
         chunks = [row.job.prompt[row.fed : row.fed + share] for row in rows]
         start = time.monotonic()
         for row in rows:
             if row.fed == 0:
                 row.timing["queued_s"] = start - row.job.arrived
-        with self.store.bank.rows(self.store.bank.gather([row.job.adapter for row in rows])):
+        with self._numerics(self.store.bank.gather([row.job.adapter for row in rows])):
             logits = self.prefilling.forward(chunks)
         seconds = time.monotonic() - start
         self.stats.prefill_steps += 1
@@ -241,7 +259,7 @@ class Scheduler:
         if self.running_vectors is None:
             self.running_vectors = self.store.bank.gather([row.job.adapter for row in rows])
         start = time.monotonic()
-        with self.store.bank.rows(self.running_vectors):
+        with self._numerics(self.running_vectors):
             logits = self.running.forward([[row.last_token] for row in rows])
         self.stats.decode_steps += 1
         self.stats.decode_seconds.append(time.monotonic() - start)
@@ -250,6 +268,13 @@ class Scheduler:
         finished = {i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance(row, token, logits[i])}
         if finished:
             self._remove(False, finished)
+
+    @contextmanager
+    def _numerics(self, vectors):
+        """Each row with its own adapter's vectors, and the attention and products that keep its
+        numbers its own (see `qvera.serving.invariance`)."""
+        with self.store.bank.rows(vectors), generation_numerics(self.model, self.batch_invariant):
+            yield
 
     def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         if not rows:

@@ -149,3 +149,15 @@ def test_serving_benchmark_reports_speeds_and_sizes(tiny_llama_dir, tmp_path):
     llama = 4 * 32 * (7 * 8 + 5 * 4096 + 2 * 11008)
     assert report["llama2_7b"] == {"rank": 8, "bytes_per_adapter": llama, "adapters_per_GB": 10**9 // llama}
     assert "mixed / single = " in result.stdout
+
+
+def test_serving_benchmark_times_the_servers_batcher_in_both_modes(tiny_llama_dir, tmp_path):
+    script = Path(__file__).parents[2] / "scripts" / "bench_serving.py"
+    args = ["--model", tiny_llama_dir, "--quantization", "fp32", "--rank", "8", "--adapters", "3"]
+    args += ["--new-tokens", "3", "--repeats", "1", "--server", "--json", str(tmp_path / "r.json")]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    speed = report["decode_tokens_per_s"]
+    assert set(speed) == {"default", "batch_invariant"} and all(v > 0 for v in speed.values())
+    assert report["batch_invariant_over_default"] == pytest.approx(speed["batch_invariant"] / speed["default"])

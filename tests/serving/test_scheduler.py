@@ -1,10 +1,31 @@
+import threading
+import time
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from qvera import ModelConfig, load_base
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state, vector_state
+from qvera.adapters import save_adapter
+from qvera.serving.generation import Sampling, chat_prompt
 from qvera.serving.kv_rows import CacheRows
 from qvera.serving.sampling import ReplyText, pick_rows
+from qvera.serving.scheduler import Job, Scheduler
+from qvera.serving.store import AdapterStore
+
+LEAVES = (
+    "Leaves are green because chlorophyll absorbs red and blue light and reflects green. In autumn the "
+    "chlorophyll breaks down, and the yellow and orange carotenoids that were there all along show through, "
+    "while some trees also make red anthocyanins from the sugars trapped in the leaf. "
+)
+# Prompts of about 20, 110 and 35 tokens, adapters and budgets of their own: rows leave at
+# different steps. (prompt, adapter, max_new_tokens); the last two join once a row is answering.
+REQUESTS = [
+    ("Hi", "a", 6),
+    (LEAVES + "Why do leaves change colour in autumn? Answer in one sentence.", None, 4),
+    ("What makes a leaf green, and what happens to that pigment in autumn?", "b", 5),
+    ("Hello there", None, 3),
+]
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +91,78 @@ def test_seeded_rows_draw_the_same_tokens_in_any_batch():
     assert [step[0] for step in together] == [step[0] for step in draw([7], [0])]
     assert [step[2] for step in together] == [step[0] for step in draw([5], [2])]
     assert all(step[1] == int(logits[1].argmax()) for step in together)  # temperature 0: greedy
+
+
+@pytest.fixture(scope="module")
+def smollm2_store(tmp_path_factory, smollm2_dir):
+    """The real SmolLM2 in NF4 with bf16 compute, and a store of two small random adapters."""
+    model, tokenizer = load_base("smollm2-135m")
+    assert model.dtype == torch.bfloat16
+    attach_vera(model, VeraConfig(rank=16, projection_seed=3))
+    folder = tmp_path_factory.mktemp("adapters")
+    generator = torch.Generator().manual_seed(1)
+    for name in ("a", "b"):
+        # Small vectors: the adapter moves the logits without drowning the base model's reply.
+        load_vector_state(
+            model, {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in vector_state(model).items()}
+        )
+        save_adapter(model, folder / name)
+    return model, tokenizer, AdapterStore(model, folder)
+
+
+class RecordingScheduler(Scheduler):
+    """Keeps the tokens each job was given and the logits they were picked from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.picked: dict[int, list[tuple[int, torch.Tensor]]] = {}
+
+    def _pick(self, rows, logits):
+        tokens = super()._pick(rows, logits)
+        for row, token, row_logits in zip(rows, tokens, logits):
+            self.picked.setdefault(id(row.job), []).append((token, row_logits.clone()))
+        return tokens
+
+
+def serve(scheduler: RecordingScheduler, tokenizer, requests, joining=()):
+    """Each request's greedy (token, logits) list: `requests` submitted at once, `joining` once a
+    row is answering (so they enter a batch whose rows are mid-way)."""
+    jobs, done = [], []
+
+    def submit(prompt, adapter, max_new_tokens):
+        finished = threading.Event()
+        prompt = chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
+        greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+        jobs.append(Job(prompt, adapter, greedy, lambda event: event[0] != "text" and finished.set()))
+        done.append(finished)
+        scheduler.submit(jobs[-1])
+
+    for request in requests:
+        submit(*request)
+    deadline = time.monotonic() + 120
+    while joining and not scheduler.load()["running"]:
+        assert time.monotonic() < deadline, "no row started answering"
+        time.sleep(0.01)
+    for request in joining:
+        submit(*request)
+    for finished in done:
+        assert finished.wait(120), "a request did not finish"
+    return [scheduler.picked[id(job)] for job in jobs]
+
+
+def test_batch_invariant_scheduler_replies_as_each_request_alone_bf16(smollm2_store):
+    """bf16 on the NF4 base: prompts of very different lengths, chunked prefill shared among
+    them, rows joining and leaving mid-run (so pads between a row's keys): each request gets
+    the very tokens, from the very logits, that it gets served alone."""
+    model, tokenizer, store = smollm2_store
+    scheduler = RecordingScheduler(model, tokenizer, store, prefill_tokens=32, batch_invariant=True).start()
+    try:
+        mixed = serve(scheduler, tokenizer, REQUESTS[:2], joining=REQUESTS[2:])
+        alone = [serve(scheduler, tokenizer, [request])[0] for request in REQUESTS]
+    finally:
+        scheduler.close()
+    assert scheduler.stats.failed == 0
+    for i, (together, by_itself) in enumerate(zip(mixed, alone)):
+        assert [token for token, _ in together] == [token for token, _ in by_itself], f"request {i}"
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(together, by_itself)), f"request {i}'s logits"
+    assert mixed[0][0][1].ne(mixed[3][0][1]).any()  # different prompts and adapters, different numbers
