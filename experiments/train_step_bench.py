@@ -64,8 +64,10 @@ class Stepper:
             torch.cuda.synchronize()
 
 
-def release(*objects) -> None:
-    del objects
+def release() -> None:
+    """Free what a finished variant left. Its 4-bit layers sit in reference cycles (each
+    Params4bit points back at its layer), so dropping the last name frees nothing until a
+    collection: the next variant's peak memory and capped context would count the old model."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -96,7 +98,8 @@ def measure(shape: str, variant: str, batch: int, seq: int, repeats: int, comput
         peak_reserved_gb=round(torch.cuda.max_memory_reserved() / GB, 3) if cuda else None,
         trainable=sum(p.numel() for p in step.params),
     )
-    release(model, step)
+    del model, step
+    release()
     return row
 
 
@@ -152,7 +155,8 @@ def max_context(shape: str, variant: str, caps_gb: list[float], compute_dtype: s
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
         result[str(cap)] = best
-    release(model, step)
+    del model, step
+    release()
     return dict(variant=method, rank=rank, max_tokens_by_cap_gb=result)
 
 

@@ -274,8 +274,24 @@ def main(argv=None) -> None:
 
 
 def bench_cuda(args, command: str) -> None:
-    """The GPU benchmark: every variant on the random base, then the context search; one process."""
-    rows = []
+    """The GPU benchmark: every variant on the random base, then the context search; one process.
+    The JSON and markdown are rewritten after every row, so a run stopped by a time limit keeps
+    what it measured."""
+    rows, contexts = [], []
+    device = torch.cuda.get_device_name()
+
+    def write() -> str:
+        summary = train_step_bench.ratios(rows)
+        table = train_step_bench.markdown(rows, contexts, summary)
+        report = dict(command=command, device=device, torch=torch.__version__, rows=rows, contexts=contexts, **summary)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        if args.markdown:
+            args.markdown.write_text(
+                f"command: `{command}`\n\ndevice: {device}, torch {torch.__version__}\n\n{table}\n"
+            )
+        return table
+
     for variant in args.variants:
         rows.append(
             train_step_bench.measure(
@@ -283,19 +299,11 @@ def bench_cuda(args, command: str) -> None:
             )
         )
         print(f"{variant}: {rows[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
-    contexts = [
-        train_step_bench.max_context(args.shape, variant, args.max_context, args.compute_dtype)
-        for variant in (train_step_bench.CONTEXT_VARIANTS if args.max_context else [])
-    ]
-    summary = train_step_bench.ratios(rows)
-    device = torch.cuda.get_device_name()
-    table = train_step_bench.markdown(rows, contexts, summary)
-    print(f"command: {command}\ndevice: {device}, torch {torch.__version__}\n{table}")
-    report = dict(command=command, device=device, torch=torch.__version__, rows=rows, contexts=contexts, **summary)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    if args.markdown:
-        args.markdown.write_text(f"command: `{command}`\n\ndevice: {device}, torch {torch.__version__}\n\n{table}\n")
+        write()
+    for variant in train_step_bench.CONTEXT_VARIANTS if args.max_context else []:
+        contexts.append(train_step_bench.max_context(args.shape, variant, args.max_context, args.compute_dtype))
+        write()
+    print(f"command: {command}\ndevice: {device}, torch {torch.__version__}\n{write()}")
 
 
 if __name__ == "__main__":

@@ -1,44 +1,110 @@
 #!/usr/bin/env bash
-# The GPU check in one command, offline: the `cuda` tests, a short GPU benchmark at Llama-2-7B
-# shapes (random weights, NF4 on the GPU) and a 20-step sft.py run on the same random model with
-# paged 8-bit AdamW, a checkpoint every 10 steps, then a resume. About 8 minutes on one H100.
+# The GPU check in one command, offline: the `cuda` tests, a 20-step sft.py run on a random-weight
+# model of Llama-2-7B's shapes (NF4 on the GPU) with paged 8-bit AdamW, a checkpoint every 10
+# steps, then a resume, and last a short GPU benchmark at the same shapes. About 8 minutes on one
+# H100.
 #
 #     bash scripts/gpu_check.sh OUT_DIR
 #
-# Writes into OUT_DIR: cuda_tests.xml/.log, bench.json/.md, sft/ (+ sft.log, sft_resume.log),
+# Writes into OUT_DIR: cuda_tests.xml/.log, sft/ (+ sft.log, sft_resume.log), bench.json/.md,
 # summary.json and summary.md. Exits non-zero when any stage failed; later stages still run.
+# A preflight stops it at once, in one line, when there is no CUDA GPU, a package is missing, or
+# bitsandbytes or TRL's Triton kernels do not run on the GPU. Every stage ends by
+# GPU_CHECK_SECONDS (default 560) after the start, so the summary is written within a 10-minute
+# limit: the benchmark, last, keeps the rows it measured.
 set -euo pipefail
-if [[ $# -ne 1 ]]; then
+if [[ $# -ne 1 || -z $1 ]]; then
     echo "usage: bash scripts/gpu_check.sh OUT_DIR" >&2
     exit 2
 fi
+DEADLINE=$(($(date +%s) + ${GPU_CHECK_SECONDS:-560}))
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"  # qvera and experiments, as the scripts import them
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export QVERA_CACHE="$OUT/cache" MPLBACKEND=Agg
 PYTHON=${PYTHON:-python3}
 declare -A STATUS SECONDS_TAKEN
 
+"$PYTHON" - <<'PY'
+"""Preflight: one line and exit 2 for what would make every stage fail, before minutes are spent."""
+import importlib
+import sys
+
+
+def fail(message):
+    print(f"gpu_check: {message}; nothing was run", file=sys.stderr)
+    sys.exit(2)
+
+
+def why(err):
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
+try:
+    import torch
+except Exception as err:
+    fail(f"cannot import torch ({why(err)})")
+if not torch.cuda.is_available():
+    fail(f"no CUDA GPU visible to PyTorch (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+versions = {}
+for name in ("qvera", "bitsandbytes", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers",
+             "safetensors", "yaml", "matplotlib", "pytest", "qvera.training.run", "experiments.train_step_bench"):
+    try:
+        versions[name] = getattr(importlib.import_module(name), "__version__", "")
+    except Exception as err:
+        fail(f"cannot import {name} ({why(err)})")
+try:
+    from bitsandbytes import functional as F
+
+    weight = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+    packed, state = F.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    back = F.dequantize_4bit(packed, state).float()
+    error = ((back - weight.float()).norm() / weight.float().norm()).item()
+except Exception as err:
+    fail(f"bitsandbytes cannot quantize on the GPU ({why(err)})")
+if not (back.is_cuda and error < 0.2):
+    fail(f"bitsandbytes' NF4 round trip on the GPU is wrong (relative error {error:.3f}, NF4 gives about 0.1)")
+# On a GPU, TRL's SFT loss (its fused LM head) and its metrics run Triton kernels, compiled at first
+# use: that needs a C compiler and Python's headers on this machine.
+try:
+    from trl.trainer.utils import selective_log_softmax
+
+    logits, index = torch.randn(2, 4, 32, device="cuda"), torch.randint(0, 32, (2, 4), device="cuda")
+    expected = torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]
+    torch.testing.assert_close(selective_log_softmax(logits, index), expected, rtol=1e-3, atol=1e-3)
+except Exception as err:
+    fail(f"TRL's Triton kernels do not compile or run here ({why(err)}); Triton needs a C compiler, Python headers")
+print(f"gpu_check: {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+PY
+
 stage() {  # stage NAME LOG COMMAND...: run, time and record one stage without stopping the others
-    local name=$1 log=$2 start
+    local name=$1 log=$2 start left
     shift 2
     start=$(date +%s)
+    left=$((DEADLINE - start))
     echo "== $name: $*" >&2
-    if "$@" >"$log" 2>&1; then STATUS[$name]=0; else STATUS[$name]=$?; fi
+    if ((left < 10)); then
+        echo "gpu_check: $name not run: the time limit (GPU_CHECK_SECONDS) is spent" >"$log"
+        STATUS[$name]=124
+    elif timeout -k 10 "$left" "$@" >"$log" 2>&1; then
+        STATUS[$name]=0
+    else
+        STATUS[$name]=$?
+        if [[ ${STATUS[$name]} -eq 124 ]]; then
+            echo "gpu_check: $name stopped after $left s: the time limit (GPU_CHECK_SECONDS) was reached" >>"$log"
+        fi
+    fi
     SECONDS_TAKEN[$name]=$(($(date +%s) - start))
     echo "== $name: exit ${STATUS[$name]} in ${SECONDS_TAKEN[$name]} s (log: $log)" >&2
     tail -n 5 "$log" >&2
 }
 
-"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print(torch.cuda.get_device_name())"
-
 stage cuda_tests "$OUT/cuda_tests.log" \
     "$PYTHON" -m pytest -m cuda tests/cuda -q -rs -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml"
-
-stage bench "$OUT/bench.log" \
-    "$PYTHON" scripts/bench.py --device cuda --shape llama2-7b --repeats 2 --max-context 8 \
-    --json "$OUT/bench.json" --markdown "$OUT/bench.md"
 
 SFT=("$PYTHON" scripts/sft.py --model random:llama2-7b --rank 512 --data data/alpaca_en_demo.json
     --max_examples 400 --max_length 512 --batch_size 1 --optimizer auto --gradient_checkpointing true
@@ -47,8 +113,12 @@ rm -rf "$OUT/sft"
 stage sft "$OUT/sft.log" "${SFT[@]}" --max_steps 20
 stage sft_resume "$OUT/sft_resume.log" "${SFT[@]}" --max_steps 24 --resume true
 
+stage bench "$OUT/bench.log" \
+    "$PYTHON" scripts/bench.py --device cuda --shape llama2-7b --repeats 2 --max-context 8 \
+    --json "$OUT/bench.json" --markdown "$OUT/bench.md"
+
 STAGES=""
-for name in cuda_tests bench sft sft_resume; do
+for name in cuda_tests sft sft_resume bench; do
     STAGES+="$name ${STATUS[$name]} ${SECONDS_TAKEN[$name]};"
 done
 "$PYTHON" - "$OUT" "$STAGES" <<'PY'
@@ -87,6 +157,6 @@ if (out / "bench.md").is_file():
 print("\n".join(lines))
 PY
 
-for name in cuda_tests bench sft sft_resume; do
+for name in cuda_tests sft sft_resume bench; do
     [[ ${STATUS[$name]} -eq 0 ]] || exit 1
 done

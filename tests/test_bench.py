@@ -1,10 +1,14 @@
 """scripts/bench.py end to end on a tiny 4-bit model: rows, ratios and JSON fields."""
 
+import argparse
 import json
+import runpy
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
+import pytest
 import torch
 
 from experiments import train_step_bench
@@ -96,3 +100,42 @@ def test_bench_cuda_and_max_context_need_a_gpu():
             [sys.executable, "scripts/bench.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 2 and message in result.stderr
+
+
+def test_train_step_bench_frees_each_variant_before_the_next(monkeypatch, tmp_path):
+    """4-bit layers sit in reference cycles: unless measure() collects its model, the next
+    variant's peak memory (and the capped context search) would count it too."""
+    monkeypatch.setenv("QVERA_CACHE", str(tmp_path))
+    built = []
+    build = train_step_bench.build
+
+    def recording_build(*args, **kwargs):
+        model, method, rank = build(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model, method, rank
+
+    monkeypatch.setattr(train_step_bench, "build", recording_build)
+    train_step_bench.measure("tiny", "qvera:8", batch=1, seq=16, repeats=1, compute_dtype="float32", device="cpu")
+    assert len(built) == 1 and built[0]() is None
+
+
+def test_gpu_bench_keeps_the_rows_measured_before_a_failure(monkeypatch, tmp_path):
+    """A GPU run stopped midway (time limit, error) still leaves its finished rows in the JSON."""
+    bench_cuda = runpy.run_path(str(ROOT / "scripts" / "bench.py"), run_name="bench")["bench_cuda"]
+    row = dict(variant="floor", rank=0, batch=1, seq=8, step_s=1.0, tokens_per_s=8.0, trainable=0)
+    row |= dict(peak_allocated_gb=1.0, peak_reserved_gb=1.0)
+
+    def measure(shape, variant, *args):
+        if variant != "floor":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return row
+
+    monkeypatch.setattr(train_step_bench, "measure", measure)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    args = argparse.Namespace(variants=["floor", "qvera:512"], shape="tiny", batch=1, seq=8, repeats=1)
+    args.compute_dtype, args.max_context, args.json, args.markdown = "auto", [], tmp_path / "b.json", tmp_path / "b.md"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_cuda(args, "python scripts/bench.py --device cuda")
+    report = json.loads(args.json.read_text())
+    assert report["device"] == "a GPU" and [r["variant"] for r in report["rows"]] == ["floor"]
+    assert "| floor | - | 1 x 8 |" in args.markdown.read_text()

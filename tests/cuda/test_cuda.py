@@ -46,9 +46,10 @@ def save_tiny(folder, dtype) -> str:
 @pytest.fixture(autouse=True)
 def true_fp32():
     """Exactness is checked in true fp32: TF32 matmuls would round to 10 bits."""
-    previous = torch.backends.cuda.matmul.allow_tf32
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.set_float32_matmul_precision(previous)
 
 
 def cuda_base(folder, quantization="nf4", compute_dtype="bfloat16"):

@@ -1,0 +1,59 @@
+"""scripts/gpu_check.sh without a GPU: its one-line refusal, and its stage bookkeeping driven by a
+stand-in for Python (the GPU run gets one try, so the shell logic is pinned here)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+# Records each call; `-` alone is the preflight, `- OUT STAGES` the summary; the stages behave
+# as the case below says.
+STAND_IN = """#!/usr/bin/env bash
+echo "$*" >>"$CALLS"
+if [[ $1 == - ]]; then
+    cat >/dev/null
+    if [[ $# -gt 1 ]]; then echo "$3" >"$STAGES_SEEN"; fi
+    exit 0
+fi
+case "$*" in
+    *"--max_steps 20"*) exit 3 ;;
+    *"--resume true"*) sleep 60 ;;
+esac
+"""
+
+
+def test_the_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+def test_without_a_gpu_it_stops_in_one_line(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
+    result = subprocess.run(
+        ["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()] and "no CUDA GPU" in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_stages_past_the_time_limit_are_stopped_and_the_summary_still_written(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(STAND_IN)
+    python.chmod(0o755)
+    calls, stages = tmp_path / "calls", tmp_path / "stages"
+    env = dict(os.environ, PYTHON=str(python), CALLS=str(calls), STAGES_SEEN=str(stages), GPU_CHECK_SECONDS="12")
+    result = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert result.returncode == 1, result.stderr
+    codes = {
+        name: int(code) for name, code, _seconds in (s.split() for s in stages.read_text().split(";") if s.strip())
+    }
+    # sft failed; its resume ran into the limit and was stopped; the benchmark had no time left.
+    assert codes == {"cuda_tests": 0, "sft": 3, "sft_resume": 124, "bench": 124}
+    assert "time limit" in (tmp_path / "out" / "sft_resume.log").read_text()
+    assert "not run" in (tmp_path / "out" / "bench.log").read_text()
+    ran = calls.read_text().splitlines()
+    assert ran[0] == "-" and "pytest -m cuda tests/cuda" in ran[1] and ran[-1].startswith("- ")
+    assert not any("bench.py" in line for line in ran)
