@@ -206,13 +206,23 @@ def run_one(run: StudyRun, out_dir: str | Path, eval_batch_size: int = 2) -> dic
     return result
 
 
-def collect(runs_dir: str | Path) -> list[dict]:
-    """Every finished run's result, base first, then by method, rank, setting and seed."""
-    results = [json.loads(f.read_text()) for f in sorted(Path(runs_dir).glob("*/result.json"))]
-    if not results:
+def collect(runs_dir: str | Path, records: str | Path | None = None) -> list[dict]:
+    """Every finished run's result, base first, then by method, rank, setting and seed.
+
+    `records`: a results file an earlier report wrote (docs/quality_results.json); its runs
+    count as finished unless the runs folder has them too, so a study started on another
+    machine goes on from its committed records.
+    """
+    by_name = {}
+    if records is not None and Path(records).is_file():
+        by_name = {r["name"]: r for r in json.loads(Path(records).read_text())}
+    by_name.update({r["name"]: r for r in map(json.loads, map(Path.read_text, Path(runs_dir).glob("*/result.json")))})
+    if not by_name:
         raise FileNotFoundError(f"no results under {runs_dir}; run `scripts/quality_study.py run ...` first")
     order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(results, key=lambda r: (order[r["run"]["method"]], study_run(r).setting[1:], r["run"]["seed"]))
+    return sorted(
+        by_name.values(), key=lambda r: (order[r["run"]["method"]], study_run(r).setting[1:], r["run"]["seed"])
+    )
 
 
 def study_run(result: dict) -> StudyRun:
@@ -289,20 +299,26 @@ def priority(run: StudyRun) -> tuple:
 
 
 def sweep(
-    out_dir: str | Path, jobs: int = 1, threads: int = 2, poll_seconds: float = 5.0, launch=launch_run
+    out_dir: str | Path,
+    jobs: int = 1,
+    threads: int = 2,
+    poll_seconds: float = 5.0,
+    launch=launch_run,
+    records: str | Path | None = None,
 ) -> list[str]:
     """Run the whole plan, `jobs` runs at a time with `threads` threads each, skipping finished
     runs; return the names started. On an otherwise idle 2-core machine one run with two
     threads finished runs about twice as fast as two runs with one thread each.
 
     A method's seeded runs start once its grid is done. Interrupted, it resumes where it
-    stopped: finished runs keep their result.json, and a run killed after training resumes
-    from its saved adapter.
+    stopped: finished runs keep their result.json (or their record in `records`, see
+    `collect`), and a run killed after training resumes from its saved adapter.
     """
     out_dir = Path(out_dir)
+    recorded = {r["name"] for r in collect(out_dir, records)} if records and Path(records).is_file() else set()
 
     def done(run):
-        return (out_dir / run.name / "result.json").is_file()
+        return run.name in recorded or (out_dir / run.name / "result.json").is_file()
 
     queue = [run for run in GRID if not done(run)]
     planned = {run.name for run in GRID}
@@ -313,7 +329,7 @@ def sweep(
             if proc.poll() is not None:
                 del running[name]
                 print(f"{time.strftime('%H:%M:%S')} {name}: exit {proc.returncode}", flush=True)
-        results = [json.loads(f.read_text()) for f in out_dir.glob("*/result.json")]
+        results = collect(out_dir, records) if recorded or any(out_dir.glob("*/result.json")) else []
         for method in GRID_RANK:
             if any(r.method == method and not done(r) for r in GRID):
                 continue
@@ -388,13 +404,14 @@ def gains(rows: list[dict], reference: str = "lora-r8") -> dict[str, dict]:
 
 
 def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | Path) -> None:
-    """Every run's record as JSON, and the plot of the seeded settings' mean loss against size."""
+    """Every run's record as JSON (those already in `json_path` kept), and the plot of the
+    seeded settings' mean loss against size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = collect(runs_dir)
+    results = collect(runs_dir, json_path)
     tmp = Path(json_path).with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, json_path)

@@ -2,7 +2,7 @@
 the whole plan (learning-rate grid, then three seeds per table row), or the report.
 
 python scripts/quality_study.py run --method dvora --rank 512 --lr 3e-2 --lr-scale-m 0.1 --seed 1
-python scripts/quality_study.py sweep runs/quality
+python scripts/quality_study.py sweep runs/quality --records docs/quality_results.json
 python scripts/quality_study.py report runs/quality
 """
 
@@ -46,6 +46,9 @@ def main():
     plan.add_argument("out", nargs="?", default="runs/quality")
     plan.add_argument("--jobs", type=int, default=1, help="runs at a time")
     plan.add_argument("--threads", type=int, default=2, help="threads per run")
+    plan.add_argument(
+        "--records", help="a results file of earlier runs (docs/quality_results.json): those runs count as done"
+    )
     report = sub.add_parser("report", help="collect the runs' results into docs/ (JSON and plot)")
     report.add_argument("runs", nargs="?", default="runs/quality")
     report.add_argument("--json", default="docs/quality_results.json")
@@ -68,10 +71,10 @@ def main():
         result = run_one(spec, args.out)
         print(json.dumps({k: v for k, v in result.items() if k != "train_loss_log"}, indent=2))
     elif args.command == "sweep":
-        sweep(args.out, args.jobs, args.threads)
+        sweep(args.out, args.jobs, args.threads, records=args.records)
     else:
         write_report(args.runs, args.json, args.plot)
-        results = collect(args.runs)
+        results = collect(args.runs, args.json)
         print(markdown_table(results))
         print(json.dumps(gains(summarize(results)), indent=2))
         print(f"wrote {args.json} and {args.plot}")

@@ -115,7 +115,7 @@ def test_bad_runs_are_refused_by_name():
 
 def test_sweep_runs_the_grid_then_each_methods_seeds_and_resumes(tmp_path):
     """A fake launcher finishes each run at once with a loss that favours one setting per method."""
-    favoured = {"vera-r512-lr0.03-n128", "dvora-r512-lr0.1-sm0.1-n128", "lora-r8-lr0.003-n128", "dora-r8-lr0.001-n128"}
+    favoured = {"vera-r512-lr0.03-n128", "dvora-r512-lr0.1-sm0.1-n128", "lora-r8-lr0.003-n128", "dora-r8-lr0.01-n128"}
 
     class Finished:
         returncode = 0
@@ -134,7 +134,27 @@ def test_sweep_runs_the_grid_then_each_methods_seeds_and_resumes(tmp_path):
     seeded = started[len(GRID) :]
     assert len(seeded) == len(set(seeded)) == sum(len(r) * len(SEEDS) for r in TABLE_RANKS.values()) - 4 * 1
     assert "vera-r2048-lr0.03-n128-s2" in seeded and "dvora-r1024-lr0.1-sm0.1-n128-s1" in seeded
-    assert "lora-r16-lr0.003-n128" in seeded and "dora-r8-lr0.001-n128-s2" in seeded
+    assert "lora-r16-lr0.003-n128" in seeded and "dora-r8-lr0.01-n128-s2" in seeded
     assert sweep(tmp_path, poll_seconds=0, launch=launch) == []  # everything finished: nothing to do
     (tmp_path / "vera-r1024-lr0.03-n128-s1" / "result.json").unlink()  # as if killed
     assert sweep(tmp_path, poll_seconds=0, launch=launch) == ["vera-r1024-lr0.03-n128-s1"]
+
+
+def test_sweep_goes_on_from_committed_records(tmp_path):
+    """Runs recorded in an earlier report count as done; the report keeps them beside new runs."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    fake_result(first, StudyRun("base"), 2.0, 0)
+    fake_result(first, StudyRun("lora", 8, 3e-3), 1.6, 10)
+    records = tmp_path / "results.json"
+    write_report(first, records, tmp_path / "plot.png")
+
+    def launch(run, out_dir, threads):
+        fake_result(out_dir, run, 1.7, 1)
+        return type("Finished", (), {"returncode": 0, "poll": lambda self: 0})()
+
+    started = sweep(second, poll_seconds=0, launch=launch, records=records)
+    assert "base" not in started and "lora-r8-lr0.003-n128" not in started
+    assert started[0] == "lora-r8-lr0.01-n128"
+    write_report(second, records, tmp_path / "plot.png")
+    names = {r["name"] for r in json.loads(records.read_text())}
+    assert {"base", "lora-r8-lr0.003-n128", "lora-r8-lr0.01-n128"} <= names
