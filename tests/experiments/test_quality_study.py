@@ -115,7 +115,12 @@ def test_bad_runs_are_refused_by_name():
 
 def test_sweep_runs_the_grid_then_each_methods_seeds_and_resumes(tmp_path):
     """A fake launcher finishes each run at once with a loss that favours one setting per method."""
-    favoured = {"vera-r512-lr0.03-n128", "dvora-r512-lr0.1-sm0.1-n128", "lora-r8-lr0.003-n128", "dora-r8-lr0.01-n128"}
+    favoured = {
+        "vera-r512-lr0.03-n128",
+        "dvora-r512-lr0.03-sb3-sm0.1-n128",
+        "lora-r8-lr0.003-n128",
+        "dora-r8-lr0.003-n128",
+    }
 
     class Finished:
         returncode = 0
@@ -133,8 +138,8 @@ def test_sweep_runs_the_grid_then_each_methods_seeds_and_resumes(tmp_path):
     assert started[: len(GRID)] == [run.name for run in GRID]
     seeded = started[len(GRID) :]
     assert len(seeded) == len(set(seeded)) == sum(len(r) * len(SEEDS) for r in TABLE_RANKS.values()) - 4 * 1
-    assert "vera-r2048-lr0.03-n128-s2" in seeded and "dvora-r1024-lr0.1-sm0.1-n128-s1" in seeded
-    assert "lora-r16-lr0.003-n128" in seeded and "dora-r8-lr0.01-n128-s2" in seeded
+    assert "vera-r2048-lr0.03-n128-s2" in seeded and "dvora-r1024-lr0.03-sb3-sm0.1-n128-s1" in seeded
+    assert "lora-r16-lr0.003-n128" in seeded and "dora-r8-lr0.003-n128-s2" in seeded
     assert sweep(tmp_path, poll_seconds=0, launch=launch) == []  # everything finished: nothing to do
     (tmp_path / "vera-r1024-lr0.03-n128-s1" / "result.json").unlink()  # as if killed
     assert sweep(tmp_path, poll_seconds=0, launch=launch) == ["vera-r1024-lr0.03-n128-s1"]
