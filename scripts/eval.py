@@ -1,9 +1,11 @@
-"""Held-out loss and perplexity of a base model, with or without an adapter, on a data file.
+"""Held-out loss, perplexity and next-token accuracy of a base model, with or without an
+adapter, on a data file.
 
     python scripts/eval.py --model smollm2-135m --adapter runs/sft/adapter --dataset held_out.json
 
-The loss is per answer token (assistant turns only, as training sees them); rows whose answer
-is a few tokens long are also answered greedily and scored by exact match. Prints JSON.
+The loss is per answer token (assistant turns only, as training sees them); accuracy is the
+share of answer tokens that are the model's greedy pick; rows whose answer is a few tokens
+long are also answered greedily and scored by exact match. Prints JSON.
 """
 
 import argparse

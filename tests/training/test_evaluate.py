@@ -176,4 +176,5 @@ def test_eval_script_reports_json(tiny_llama_dir, tmp_path):
     assert report["heldout"]["loss"] == pytest.approx(
         heldout_loss(model, tokenizer, CONVS, max_length=64)["loss"], rel=1e-5
     )
+    assert 0 <= report["heldout"]["accuracy"] <= 1
     assert report["short_answers"]["examples"] == 1
