@@ -54,10 +54,12 @@ class TrainConfig:
 
     output_dir: str = option("runs/sft", "folder for checkpoints, adapter and loss curve")
     learning_rate: float = option(4e-3, "peak learning rate (VeRA: about 10x LoRA's)")
-    # d starts at 0.1 and b at 0, m at the weight's row norms: their scales differ, so may their rates.
+    # d starts at 0.1 and b at 0, m at the weight's row norms: their scales differ, so do their
+    # best rates. The defaults are the quality study's best (docs/quality.md): b at 3x beat 1x
+    # and 10x, d at 0.3x and 3x did not beat b at 3x, m at 0.1x beat 1x.
     lr_scale_d: float = option(1.0, "learning rate of the vectors d, as a multiple of learning_rate")
-    lr_scale_b: float = option(1.0, "learning rate of the vectors b, as a multiple of learning_rate")
-    lr_scale_m: float = option(1.0, "learning rate of DVoRA's magnitudes m, as a multiple of learning_rate")
+    lr_scale_b: float = option(3.0, "learning rate of the vectors b, as a multiple of learning_rate")
+    lr_scale_m: float = option(0.1, "learning rate of DVoRA's magnitudes m, as a multiple of learning_rate")
     epochs: float = option(1.0, "passes over the training data")
     max_steps: int = option(-1, "optimizer steps; > 0 overrides epochs")
     batch_size: int = option(8, "examples per device and step")
