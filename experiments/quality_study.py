@@ -292,12 +292,17 @@ def launch_run(run: StudyRun, out_dir: Path, threads: int = 1) -> subprocess.Pop
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+# The table's other rows in the order they matter: VeRA r=1024 is the largest VeRA within a
+# fifth of LoRA r=8's parameters (DVoRA r=1024 and VeRA r=2048 are past it).
+OTHER_ROWS = [("vera", 1024), ("lora", 16), ("dvora", 1024), ("vera", 2048)]
+
+
 def priority(run: StudyRun) -> tuple:
     """Grid runs first; then the seeds of each method's grid rank, so the table's main rows
-    fill first if the sweep is cut short; the other ranks last."""
-    if run.seed == 0 and run.rank == GRID_RANK.get(run.method, 0):
-        return (0, 0)
-    return (1, TABLE_RANKS[run.method].index(run.rank), run.seed)
+    fill first if the sweep is cut short; then the other rows, one row's seeds together."""
+    if run.rank == GRID_RANK.get(run.method, 0):
+        return (0, 0, 0) if run.seed == 0 else (1, run.seed, 0)
+    return (2, OTHER_ROWS.index((run.method, run.rank)), run.seed)
 
 
 def sweep(

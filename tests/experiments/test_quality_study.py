@@ -140,6 +140,9 @@ def test_sweep_runs_the_grid_then_each_methods_seeds_and_resumes(tmp_path):
     assert len(seeded) == len(set(seeded)) == sum(len(r) * len(SEEDS) for r in TABLE_RANKS.values()) - 4 * 1
     assert "vera-r2048-lr0.03-n128-s2" in seeded and "dvora-r1024-lr0.03-sb3-sm0.1-n128-s1" in seeded
     assert "lora-r16-lr0.003-n128" in seeded and "dora-r8-lr0.003-n128-s2" in seeded
+    # the main rows' seeds come first, one seed across methods at a time; VeRA r=2048 comes last
+    assert [name.rsplit("-", 1)[1] for name in seeded[:8]] == ["s1"] * 4 + ["s2"] * 4
+    assert seeded[8] == "vera-r1024-lr0.03-n128" and seeded[-1] == "vera-r2048-lr0.03-n128-s2"
     assert sweep(tmp_path, poll_seconds=0, launch=launch) == []  # everything finished: nothing to do
     (tmp_path / "vera-r1024-lr0.03-n128-s1" / "result.json").unlink()  # as if killed
     assert sweep(tmp_path, poll_seconds=0, launch=launch) == ["vera-r1024-lr0.03-n128-s1"]
