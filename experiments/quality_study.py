@@ -457,6 +457,9 @@ def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | P
                     xytext=(4, 4),
                     fontsize=8,
                 )
+        reference = next((r for r in rows if r["name"].startswith("lora-r8-") and len(r["seeds"]) > 1), None)
+        if reference is not None:
+            ax.axvline(reference["trainable_params"] / 5, color="gray", linestyle=":", label="1/5 of LoRA r=8's")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("held-out loss (nats per answer token)")
