@@ -370,6 +370,7 @@ def summarize(results: list[dict]) -> list[dict]:
             "trainable_params": runs[0]["trainable_params"],
             "adapter_bytes": runs[0]["adapter_bytes"],
             "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+            "alpaca_loss_by_seed": {r["run"]["seed"]: r["alpaca_heldout"]["loss"] for r in runs},
         }
         for key in ("alpaca_heldout", "lima_heldout"):
             for measure in ("loss", "accuracy"):
@@ -392,8 +393,10 @@ def spread(values: list[float]) -> dict:
 
 
 def gains(rows: list[dict], reference: str = "lora-r8") -> dict[str, dict]:
-    """Each seeded setting's gain over the base (Alpaca held-out loss), per seed, as a share of
-    the reference's mean gain; `clear` when its worst seed beats the reference's best."""
+    """Each seeded setting's gain over the base (Alpaca held-out loss) and its share of the
+    reference's gain: over the seed means, and seed by seed (a seed fixes the order of the
+    training rows for every method, so runs of one seed are paired). `clearly_*`: every seed
+    of one beats every seed of the other; `*_in_every_seed`: paired, seed by seed."""
     base = next(r for r in rows if r["run"]["method"] == "base")["alpaca_heldout_loss"]["mean"]
     seeded = [r for r in rows if len(r["seeds"]) > 1]
     ref = next((r for r in seeded if r["name"].startswith(reference + "-")), None)
@@ -406,6 +409,11 @@ def gains(rows: list[dict], reference: str = "lora-r8") -> dict[str, dict]:
             entry["share_of_reference"] = entry["gain"] / (base - ref_loss["mean"])
             entry["clearly_above"] = loss["max"] < ref_loss["min"]
             entry["clearly_below"] = loss["min"] > ref_loss["max"]
+            mine, theirs = row["alpaca_loss_by_seed"], ref["alpaca_loss_by_seed"]
+            paired = sorted(set(mine) & set(theirs))
+            entry["share_by_seed"] = {s: (base - mine[s]) / (base - theirs[s]) for s in paired}
+            entry["ahead_in_every_seed"] = bool(paired) and all(mine[s] < theirs[s] for s in paired)
+            entry["behind_in_every_seed"] = bool(paired) and all(mine[s] > theirs[s] for s in paired)
         out[row["name"]] = entry
     return out
 
@@ -495,5 +503,34 @@ def markdown_table(results: list[dict]) -> str:
             f"{r['train_seconds']:.0f} | {cell(r, 'alpaca_heldout_loss', 4)} | "
             f"{cell(r, 'alpaca_heldout_accuracy', 1, True)} | {cell(r, 'lima_heldout_loss', 4)} | "
             f"{cell(r, 'lima_heldout_accuracy', 1, True)} |"
+        )
+    return "\n".join(lines)
+
+
+def headline_table(results: list[dict], reference: str = "lora-r8") -> str:
+    """The seeded settings (and the base) with each one's share of the reference's gain over
+    the base: of the seed means, and the lowest and highest of the per-seed (paired) shares."""
+    rows = summarize(results)
+    shares = gains(rows, reference)
+    ref = next((r for r in rows if r["name"].startswith(reference + "-") and len(r["seeds"]) > 1), None)
+    lines = [
+        f"| setting | seeds | trainable params | x fewer than {reference} | adapter bytes | Alpaca loss "
+        f"| share of {reference}'s gain (per seed) | LIMA loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["run"]["method"] != "base" and len(r["seeds"]) < 2:
+            continue
+        loss, lima = r["alpaca_heldout_loss"], r["lima_heldout_loss"]
+        sd = f" ± {loss['sd']:.4f}" if loss["n"] > 1 else ""
+        lima_sd = f" ± {lima['sd']:.4f}" if lima["n"] > 1 else ""
+        fewer = share = "-"
+        if r["name"] in shares and ref is not None:
+            fewer = f"{ref['trainable_params'] / r['trainable_params']:.1f}"
+            entry, per_seed = shares[r["name"]], shares[r["name"]]["share_by_seed"].values()
+            share = f"{100 * entry['share_of_reference']:.1f}% ({100 * min(per_seed):.1f}-{100 * max(per_seed):.1f}%)"
+        lines.append(
+            f"| {r['name']} | {len(r['seeds'])} | {r['trainable_params']:,} | {fewer} | {r['adapter_bytes']:,} "
+            f"| {loss['mean']:.4f}{sd} | {share} | {lima['mean']:.4f}{lima_sd} |"
         )
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from experiments.quality_study import (
     StudyRun,
     collect,
     gains,
+    headline_table,
     markdown_table,
     run_one,
     summarize,
@@ -75,7 +76,7 @@ def main():
     else:
         write_report(args.runs, args.json, args.plot)
         results = collect(args.runs, args.json)
-        print(markdown_table(results))
+        print(headline_table(results), markdown_table(results), sep="\n\n")
         print(json.dumps(gains(summarize(results)), indent=2))
         print(f"wrote {args.json} and {args.plot}")
 

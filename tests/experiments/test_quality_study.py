@@ -13,6 +13,7 @@ from experiments.quality_study import (
     collect,
     command,
     gains,
+    headline_table,
     markdown_table,
     seeded_runs,
     summarize,
@@ -69,7 +70,17 @@ def test_seeds_average_into_one_row_with_their_spread(tmp_path):
     assert gain["vera-r512-lr0.03-n128"]["share_of_reference"] == pytest.approx(0.28 / 0.39)
     assert gain["vera-r512-lr0.03-n128"]["clearly_below"] and not gain["vera-r512-lr0.03-n128"]["clearly_above"]
     assert "vera-r512-lr0.01-n128" not in gain  # one seed: no spread to judge by
+    # paired by seed: seed 0 1.70 against 1.60, seed 2 1.74 against 1.62
+    assert gain["vera-r512-lr0.03-n128"]["share_by_seed"][2] == pytest.approx(0.26 / 0.38)
+    assert gain["vera-r512-lr0.03-n128"]["behind_in_every_seed"]
+    assert not gain["vera-r512-lr0.03-n128"]["ahead_in_every_seed"]
 
+    headline = headline_table(collect(runs)).splitlines()
+    assert len(headline) == 2 + 3  # the base and the two seeded settings; the grid run is left out
+    assert headline[3] == (
+        "| vera-r512-lr0.03-n128 | 3 | 263,040 | 9.3 | 1,052,160 | 1.7200 ± 0.0200 "
+        "| 71.8% (68.4-75.0%) | 2.2200 ± 0.0200 |"
+    )
     table = markdown_table(collect(runs)).splitlines()
     assert len(table) == 2 + 4
     assert "| vera-r512-lr0.03-n128 | 3 | 263,040 | 1,052,160 | 100 | 1.7200 ± 0.0200 | 50.0 ± 0.0 |" in table[4]
