@@ -9,11 +9,14 @@ prompt whose last chunk is in moves, with its KV cache, into the running batch (
 Each forward gathers every row's (d, b) from the AdapterBank while `A x` and the product by B
 stay one matmul for the batch. Cancelled, finished and timed-out rows leave at the next step.
 
-Attention runs row by row over each row's own keys (`qvera.serving.invariance`), whatever pads
-the joining and leaving rows leave between them. With `batch_invariant` the matrix products run
-on fixed row tiles, attention in fixed query tiles, and a prompt's chunks start on multiples of
-that tile (at least one tile a prompt a step, past `prefill_tokens` when many prompts share the
-step): a row's numbers, and so its greedy reply, are then those of its request alone.
+With `batch_invariant`, attention runs row by row over each row's own keys
+(`qvera.serving.invariance`), whatever pads the joining and leaving rows leave between them, in
+fixed query tiles; the matrix products run on fixed row tiles; and a prompt's chunks start on
+multiples of the query tile (at least one tile a prompt a step, past `prefill_tokens` when many
+prompts share the step): a row's numbers, and so its greedy reply, are then those of its
+request alone. The default mode keeps transformers' batched attention: row attention without
+the tiles made two same-seed sampled requests sent together diverge in a server test, which
+batched attention does not.
 """
 
 from __future__ import annotations
@@ -271,9 +274,13 @@ class Scheduler:
 
     @contextmanager
     def _numerics(self, vectors):
-        """Each row with its own adapter's vectors, and the attention and products that keep its
-        numbers its own (see `qvera.serving.invariance`)."""
-        with self.store.bank.rows(vectors), generation_numerics(self.model, self.batch_invariant):
+        """Each row with its own adapter's vectors and, with `batch_invariant`, the attention and
+        products that keep its numbers its own (see `qvera.serving.invariance`)."""
+        if not self.batch_invariant:
+            with self.store.bank.rows(vectors):
+                yield
+            return
+        with self.store.bank.rows(vectors), generation_numerics(self.model, batch_invariant=True):
             yield
 
     def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
