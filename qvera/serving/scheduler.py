@@ -29,7 +29,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -276,11 +276,8 @@ class Scheduler:
     def _numerics(self, vectors):
         """Each row with its own adapter's vectors and, with `batch_invariant`, the attention and
         products that keep its numbers its own (see `qvera.serving.invariance`)."""
-        if not self.batch_invariant:
-            with self.store.bank.rows(vectors):
-                yield
-            return
-        with self.store.bank.rows(vectors), generation_numerics(self.model, batch_invariant=True):
+        invariant = generation_numerics(self.model, batch_invariant=True) if self.batch_invariant else nullcontext()
+        with self.store.bank.rows(vectors), invariant:
             yield
 
     def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
