@@ -23,10 +23,12 @@ from qvera.core.config import ModelConfig
 VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:512", "qvera:1024", "qvera-dvora:512"]
 CONTEXT_VARIANTS = ["qvera:512", "peft-lora:16"]
 GB = 2**30
+LEFTOVER_BYTES = 256 * 2**20  # cuBLAS workspaces and the like; a leftover model is gigabytes
 
 
 def build(shape: str, variant: str, compute_dtype: str, device: str):
     """The random base with one variant attached, in training mode with gradient checkpointing."""
+    check_released(variant)
     config = ModelConfig(name=f"random:{shape}", quantization="nf4", compute_dtype=compute_dtype)
     model, _ = load_base(config, device_map="cpu" if device == "cpu" else None)
     add_fused_lm_head(model)  # before peft wraps it, as TRL does
@@ -62,6 +64,15 @@ class Stepper:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+
+def check_released(variant: str) -> None:
+    """Stop before building on top of what an earlier variant left: every figure would count it."""
+    if torch.cuda.is_available() and torch.cuda.memory_allocated() > LEFTOVER_BYTES:
+        raise RuntimeError(
+            f"{torch.cuda.memory_allocated() / GB:.2f} GB of GPU memory is still allocated before {variant}: "
+            "an earlier variant was not freed, and its memory would count in this one's figures"
+        )
 
 
 def release() -> None:

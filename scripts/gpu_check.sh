@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check in one command, offline: the `cuda` tests, a 20-step sft.py run on a random-weight
 # model of Llama-2-7B's shapes (NF4 on the GPU) with paged 8-bit AdamW, a checkpoint every 10
-# steps, then a resume, and last a short GPU benchmark at the same shapes. About 8 minutes on one
-# H100.
+# steps, then a resume; chat with the trained adapter; the many-adapter serving benchmark (one
+# mixed batch, and the server's batcher in both numerics modes); last a short GPU training
+# benchmark at the same shapes. On one H100 the stages up to the serving benchmark took 4 minutes;
+# the whole check is meant to fit in 8.
 #
 #     bash scripts/gpu_check.sh OUT_DIR
 #
-# Writes into OUT_DIR: cuda_tests.xml/.log, sft/ (+ sft.log, sft_resume.log), bench.json/.md,
-# summary.json and summary.md. Exits non-zero when any stage failed; later stages still run.
+# Writes into OUT_DIR: cuda_tests.xml/.log, sft/ (+ sft.log, sft_resume.log), chat.log,
+# serving.json/.log, serving_batcher.json/.log, bench.json/.md/.log, summary.json and
+# summary.md. Exits non-zero when any stage failed; later stages still run.
 # A preflight stops it at once, in one line, when there is no CUDA GPU, a package is missing, or
 # bitsandbytes or TRL's Triton kernels do not run on the GPU. Every stage ends by
 # GPU_CHECK_SECONDS (default 560) after the start, so the summary is written within a 10-minute
@@ -113,12 +116,20 @@ rm -rf "$OUT/sft"
 stage sft "$OUT/sft.log" "${SFT[@]}" --max_steps 20
 stage sft_resume "$OUT/sft_resume.log" "${SFT[@]}" --max_steps 24 --resume true
 
+stage chat "$OUT/chat.log" \
+    "$PYTHON" scripts/chat.py --model random:llama2-7b --adapter "$OUT/sft/adapter" --max-new-tokens 16 \
+    --prompt "Name three rivers." --adapter none --prompt "Name three rivers."
+SERVING=("$PYTHON" scripts/bench_serving.py --model random:llama2-7b --adapters 32 --new-tokens 32 --repeats 2)
+stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 4 --json "$OUT/serving.json"
+stage serving_batcher "$OUT/serving_batcher.log" "${SERVING[@]}" --server --json "$OUT/serving_batcher.json"
+
 stage bench "$OUT/bench.log" \
     "$PYTHON" scripts/bench.py --device cuda --shape llama2-7b --repeats 2 --max-context 8 \
     --json "$OUT/bench.json" --markdown "$OUT/bench.md"
 
+NAMES="cuda_tests sft sft_resume chat serving serving_batcher bench"
 STAGES=""
-for name in cuda_tests sft sft_resume bench; do
+for name in $NAMES; do
     STAGES+="$name ${STATUS[$name]} ${SECONDS_TAKEN[$name]};"
 done
 "$PYTHON" - "$OUT" "$STAGES" <<'PY'
@@ -141,6 +152,10 @@ if junit.is_file():
     suite = ET.parse(junit).getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
     summary["cuda_tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+for name in ("serving", "serving_batcher"):
+    if (out / f"{name}.json").is_file():
+        report = json.loads((out / f"{name}.json").read_text())
+        summary[name] = {k: v for k, v in report.items() if k not in ("setting", "seconds")}
 bench = out / "bench.json"
 if bench.is_file():
     report = json.loads(bench.read_text())
@@ -151,12 +166,15 @@ lines = [f"# GPU check on {summary['device']} (torch {summary['torch']})", "", "
 lines += [f"| {name} | {s['exit']} | {s['seconds']} |" for name, s in summary["stages"].items()]
 if "cuda_tests" in summary:
     lines += ["", "cuda tests: " + ", ".join(f"{k} {v}" for k, v in summary["cuda_tests"].items())]
+for name in ("serving", "serving_batcher"):
+    if name in summary:
+        lines += ["", f"{name}: " + json.dumps(summary[name])]
 if (out / "bench.md").is_file():
     lines += ["", (out / "bench.md").read_text()]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
 
-for name in cuda_tests sft sft_resume bench; do
+for name in $NAMES; do
     [[ ${STATUS[$name]} -eq 0 ]] || exit 1
 done

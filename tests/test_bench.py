@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from experiments import train_step_bench
+from qvera.core.attach import vera_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +103,8 @@ def test_bench_cuda_and_max_context_need_a_gpu():
         assert result.returncode == 2 and message in result.stderr
 
 
-def test_train_step_bench_frees_each_variant_before_the_next(monkeypatch, tmp_path):
+@pytest.mark.parametrize("seq", [16, 512])  # the unfolded and the folded path
+def test_train_step_bench_frees_each_variant_before_the_next(monkeypatch, tmp_path, seq):
     """4-bit layers sit in reference cycles: unless measure() collects its model, the next
     variant's peak memory (and the capped context search) would count it too."""
     monkeypatch.setenv("QVERA_CACHE", str(tmp_path))
@@ -111,12 +113,19 @@ def test_train_step_bench_frees_each_variant_before_the_next(monkeypatch, tmp_pa
 
     def recording_build(*args, **kwargs):
         model, method, rank = build(*args, **kwargs)
-        built.append(weakref.ref(model))
+        built.extend(weakref.ref(layer) for layer in vera_layers(model).values())
         return model, method, rank
 
     monkeypatch.setattr(train_step_bench, "build", recording_build)
-    train_step_bench.measure("tiny", "qvera:8", batch=1, seq=16, repeats=1, compute_dtype="float32", device="cpu")
-    assert len(built) == 1 and built[0]() is None
+    train_step_bench.measure("tiny", "qvera:8", batch=1, seq=seq, repeats=1, compute_dtype="float32", device="cpu")
+    assert len(built) == 28 and [ref() for ref in built] == [None] * 28
+
+
+def test_train_step_bench_refuses_to_measure_over_a_leftover_model(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 3 * 2**30)
+    with pytest.raises(RuntimeError, match="3.00 GB of GPU memory is still allocated before qvera:512"):
+        train_step_bench.build("tiny", "qvera:512", "bfloat16", "cuda")
 
 
 def test_gpu_bench_keeps_the_rows_measured_before_a_failure(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -147,6 +148,26 @@ def quantization_config(config: ModelConfig, dtype: torch.dtype | None = None):
     return None
 
 
+# A base without a chat template (Llama-2-7b-hf, the random bases) gets this one, for training,
+# chat, serving and evaluation alike, so an adapter is always prompted as it was trained.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}### User:\n{{ m['content'] }}\n\n"
+    "{% else %}### Assistant:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a base model without a chat template the plain fallback; True if it was needed."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return True
+
+
 def load_base(config: ModelConfig | str, device_map: str | dict | None = None):
     """Return (model, tokenizer); the model frozen, quantized as the config says."""
     if isinstance(config, str):
@@ -174,6 +195,12 @@ def load_base(config: ModelConfig | str, device_map: str | dict | None = None):
         raise cannot_load(config.name, str(err).splitlines()[0]) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if ensure_chat_template(tokenizer):
+        print(
+            f"qvera: {config.name} has no chat template; using qvera's plain one (### User: / ### Assistant:)",
+            file=sys.stderr,
+            flush=True,
+        )
     for param in model.parameters():
         param.requires_grad_(False)
     disable_cpu_repacking(model)

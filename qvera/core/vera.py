@@ -104,8 +104,22 @@ class SharedProjections(nn.Module):
             if ref() is x and last_key == key:
                 return ax
         ax = ProjectDown.apply(x.to(A.dtype), A)
-        self._last_input = (weakref.ref(x), key, ax)
+        self._last_input = (weakref.ref(x, self._forgetter()), key, ax)
         return ax
+
+    def _forgetter(self):
+        """A callback that drops the cached `A x` once its input is gone. Kept longer, the cache
+        would hold the graph of a step that never ran backward (one stopped by out-of-memory),
+        and through gradient checkpointing's hooks that graph holds the model: a cycle through
+        C++ that gc cannot free, so the whole model would stay on the GPU."""
+        owner = weakref.ref(self)
+
+        def forget(dead_ref):
+            projections = owner()
+            if projections is not None and projections._last_input and projections._last_input[0] is dead_ref:
+                projections._last_input = None
+
+        return forget
 
 
 class ProjectDown(torch.autograd.Function):

@@ -22,18 +22,9 @@ ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 KEYED_FORMATS = {"alpaca": ("instruction", "output"), "prompt-completion": ("prompt", "completion")}
 
+
 # For bases without a chat template (e.g. Llama-2-7b-hf): plain text markers, an EOS after
 # each answer so the tuned model learns to stop.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'user' %}### User:\n{{ m['content'] }}\n\n"
-    "{% else %}### Assistant:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
-)
-
-
 class DataError(ValueError):
     """A data problem the user must fix; the message names the file and row."""
 
@@ -221,14 +212,6 @@ def split_held_out(convs: list, held_out: int, seed: int = 0) -> tuple[list, lis
 
 
 # ---------------------------------------------------------------- tokenizing
-
-
-def ensure_chat_template(tokenizer) -> bool:
-    """Give a base model without a chat template the plain fallback; True if it was needed."""
-    if getattr(tokenizer, "chat_template", None):
-        return False
-    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    return True
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -24,13 +24,13 @@ from qvera.core.attach import (
 from qvera.core.base import load_base
 from qvera.core.hardware import compute_dtype
 from qvera.training.data import (
-    ensure_chat_template,
     load_conversations,
     tokenized_dataset,
 )
 from qvera.training.recipe import SFTRecipe, check_recipe
 from qvera.training.trainer import (
     STAGING_DIR,
+    LogLastStep,
     ProgressWithThroughput,
     VeraSFTTrainer,
     last_checkpoint,
@@ -145,8 +145,6 @@ def build_trainer(recipe: SFTRecipe, log=print):
 def _trainer(recipe: SFTRecipe, train_convs: list, eval_convs: list, log) -> VeraSFTTrainer:
     log(f"data: {len(train_convs)} training and {len(eval_convs)} evaluation examples")
     model, tokenizer = load_base(recipe.model)
-    if ensure_chat_template(tokenizer):
-        log(f"{recipe.model.name} has no chat template; using qvera's plain one (### User: / ### Assistant:)")
     attach_vera(model, recipe.vera)
     log(trainable_summary(model))
     train_ds = tokenized_dataset(tokenizer, train_convs, recipe.data.assistant_only_loss)
@@ -161,6 +159,7 @@ def _trainer(recipe: SFTRecipe, train_convs: list, eval_convs: list, log) -> Ver
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressWithThroughput())
+    trainer.add_callback(LogLastStep())
     return trainer
 
 
@@ -186,7 +185,10 @@ def train(recipe: SFTRecipe, log=print) -> tuple[SFTResult, VeraSFTTrainer]:
         plot_losses(history, output_dir / LOSS_PLOT)
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
     train_losses = [h["loss"] for h in history if "loss" in h]
-    tokens = max((h.get("num_tokens", 0) for h in history), default=0)
+    # Tokens trained by this run. A resumed run's history starts with the checkpoint's entries,
+    # and TRL counts num_tokens from zero in every process: this run's are the entries after it.
+    start_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+    tokens = tokens_seen(h for h in history if h.get("step", 0) > start_step)
     result = SFTResult(
         output_dir=output_dir,
         adapter_dir=adapter_dir,
@@ -200,6 +202,10 @@ def train(recipe: SFTRecipe, log=print) -> tuple[SFTResult, VeraSFTTrainer]:
         log_history=history,
     )
     return result, trainer
+
+
+def tokens_seen(history) -> int:
+    return max((h.get("num_tokens", 0) for h in history), default=0)
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from transformers import Trainer
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer
 
@@ -112,6 +112,15 @@ class VeraSFTTrainer(SFTTrainer):
             os.rename(os.path.join(staging_root, name), os.path.join(run_dir, name))
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step whatever logging_steps says: its loss is the run's final loss, and a
+    run that stops between logging steps would otherwise report an older one."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 class ProgressWithThroughput(ProgressCallback):

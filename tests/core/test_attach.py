@@ -1,11 +1,13 @@
 """Attaching VeRA to whole models, with upstream peft's VeRA as the oracle."""
 
 import copy
+import gc
+import weakref
 
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import save_tiny_llama, tiny_llama_config
+from conftest import adapted, save_tiny_llama, tiny_llama_config
 from peft import VeraConfig as PeftVeraConfig
 from peft import get_peft_model
 from transformers import LlamaForCausalLM
@@ -178,3 +180,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     checkpointed = vector_grads(model, ids, autocast=False)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name])
+
+
+@pytest.mark.parametrize("tokens", [16, 512])  # the unfolded and the folded path
+@pytest.mark.parametrize("stopped", [False, True])
+def test_model_is_freed_after_a_training_step(tiny_llama_dir, tokens, stopped):
+    """Deleting a model that trained frees it, also after a step that died in the forward (out of
+    GPU memory, say) and never ran backward. The cached `A x` must not keep a graph alive:
+    gradient checkpointing's hooks and the folded path's weight tie that graph to the model, in
+    a cycle gc cannot see, and the whole model would stay in memory."""
+    model, _ = adapted(tiny_llama_dir, quantization="nf4", compute_dtype="float32")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("simulated")
+
+    ids = torch.randint(0, 1000, (1, tokens))
+    if stopped:
+        model.model.layers[1].register_forward_hook(out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            model(input_ids=ids, labels=ids)
+    else:
+        model(input_ids=ids, labels=ids).loss.backward()
+    layers = [weakref.ref(layer) for layer in vera_layers(model).values()]
+    del model
+    gc.collect()
+    assert [ref() for ref in layers] == [None] * len(layers)

@@ -14,12 +14,13 @@ from peft import VeraConfig as PeftVeraConfig
 from transformers import LlamaForCausalLM
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.adapters.format import read_adapter
 from qvera.adapters.peft_interop import export_peft
-from qvera.core.attach import vera_layers
+from qvera.core.attach import vector_state, vera_layers
+from qvera.core.base import FALLBACK_CHAT_TEMPLATE
 from qvera.core.bnb import is_4bit
 from qvera.core.hardware import detect
 from qvera.core.random_base import byte_tokenizer
-from qvera.training.data import FALLBACK_CHAT_TEMPLATE
 from qvera.training.run import train
 from tests.serving.test_generation import ROW_ADAPTERS, assert_rows_match_alone, model_with_bank
 from tests.training.test_run import tiny_recipe
@@ -92,36 +93,65 @@ def test_fp32_logits_equal_peft_on_cuda(fp32_dir, tmp_path):
     assert (tiny_logits(model, tokenizer) - tiny_logits(theirs, tokenizer)).abs().max().item() <= 1e-5
 
 
+def nf4_errors(folder, fold: bool, device: str = "cuda") -> dict:
+    """Relative errors of qvera's and peft's bf16 logits and vector gradients on one NF4 model,
+    each against the same model computed in fp32: bf16 rounding is the yardstick."""
+    generator = torch.Generator().manual_seed(0)
+    vectors, results = {}, {}
+    ids = torch.randint(0, VOCAB, (4, 128), generator=generator).to(device)  # 512 tokens: folding chosen
+    for name, compute_dtype, fold_here in (
+        ("ref", "float32", False),
+        ("qvera", "bfloat16", fold),
+        ("peft", "bfloat16", None),
+    ):
+        model, _ = load_base(
+            ModelConfig(name=str(folder), quantization="nf4", compute_dtype=compute_dtype), device_map={"": device}
+        )
+        if fold_here is None:
+            config = PeftVeraConfig(r=96, target_modules="all-linear", projection_prng_key=5, save_projection=False)
+            model = get_peft_model(model, config)
+            params = {n: (m.vera_lambda_d["default"], m.vera_lambda_b["default"]) for n, m in vera_modules(model)}
+        else:
+            attach_vera(model, VeraConfig(rank=96, projection_seed=5, fold=fold_here))
+            assert is_4bit(vera_layers(model)["model.layers.0.mlp.up_proj"].base_layer)
+            params = {n: (layer.lambda_d, layer.lambda_b) for n, layer in vera_layers(model).items()}
+        with torch.no_grad():
+            for layer_name, (d, b) in params.items():
+                if layer_name not in vectors:
+                    vectors[layer_name] = (
+                        torch.randn(d.shape, generator=generator),
+                        torch.randn(b.shape, generator=generator) * 0.5,
+                    )
+                d.copy_(vectors[layer_name][0])
+                b.copy_(vectors[layer_name][1])
+        model.train()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
+            out = model(input_ids=ids).logits.float()
+        out.square().mean().backward()
+        grads = torch.cat([torch.cat([d.grad.flatten(), b.grad.flatten()]) for d, b in params.values()])
+        results[name] = out.detach(), grads
+        del model
+    errors = {}
+    for name in ("qvera", "peft"):
+        errors[name] = {
+            part: relative_error(results[name][i], results["ref"][i]) for i, part in enumerate(("logits", "grads"))
+        }
+    errors["qvera_vs_peft_logits"] = relative_error(results["qvera"][0], results["peft"][0])
+    return errors
+
+
+def vera_modules(peft_model):
+    prefix = "base_model.model."
+    return [(n.removeprefix(prefix), m) for n, m in peft_model.named_modules() if hasattr(m, "vera_lambda_d")]
+
+
 @pytest.mark.parametrize("fold", [False, True])
 def test_nf4_logits_and_gradients_match_peft_within_bf16(bf16_dir, fold):
-    peft_base, _ = cuda_base(bf16_dir)
-    peft_model = get_peft_model(
-        peft_base, PeftVeraConfig(r=96, target_modules="all-linear", projection_prng_key=5, save_projection=False)
-    )
-    model, _ = cuda_base(bf16_dir)
-    attach_vera(model, VeraConfig(rank=96, projection_seed=5, fold=fold))
-    assert is_4bit(vera_layers(model)["model.layers.0.mlp.up_proj"].base_layer)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, layer in vera_layers(model).items():
-            peft_layer = peft_model.base_model.model.get_submodule(name)
-            layer.lambda_d.copy_(torch.randn(layer.lambda_d.shape, generator=generator))
-            layer.lambda_b.copy_(torch.randn(layer.lambda_b.shape, generator=generator) * 0.5)
-            peft_layer.vera_lambda_d["default"].copy_(layer.lambda_d)
-            peft_layer.vera_lambda_b["default"].copy_(layer.lambda_b)
-    model.train()
-    peft_model.train()
-    ids = torch.randint(0, VOCAB, (4, 128), device="cuda")  # 512 tokens: the folded path is chosen
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        ours, theirs = model(input_ids=ids).logits, peft_model(input_ids=ids).logits
-    assert relative_error(ours, theirs) < 2e-2
-    ours.float().square().mean().backward()
-    theirs.float().square().mean().backward()
-    for name, layer in vera_layers(model).items():
-        peft_layer = peft_model.base_model.model.get_submodule(name)
-        assert layer.lambda_d.grad.dtype == torch.float32 and layer.lambda_d.grad.abs().sum() > 0
-        assert relative_error(layer.lambda_d.grad, peft_layer.vera_lambda_d["default"].grad) < 3e-2
-        assert relative_error(layer.lambda_b.grad, peft_layer.vera_lambda_b["default"].grad) < 3e-2
+    errors = nf4_errors(bf16_dir, fold)
+    assert errors["qvera_vs_peft_logits"] < 2e-2
+    for part in ("logits", "grads"):
+        # Folding adds ΔW to W0 before bf16 rounds the sum: about 1.4x peft's error on a CPU.
+        assert errors["qvera"][part] <= 2 * errors["peft"][part], (part, errors)
 
 
 def test_folded_equals_unfolded_on_cuda(fp32_dir):
@@ -175,7 +205,9 @@ def test_training_loss_falls_with_paged_8bit_adamw(bf16_dir, tmp_path, compute_d
     assert len(losses) == 12 and all(map(math.isfinite, losses))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
-    assert (result.adapter_dir / "adapter_config.json").is_file()
+    saved, trained = read_adapter(result.adapter_dir), vector_state(trainer.accelerator.unwrap_model(trainer.model))
+    assert saved.config["rank"] == recipe.vera.rank and saved.vectors.keys() == trained.keys()
+    assert all(torch.equal(saved.vectors[k], trained[k]) for k in trained)
     recipe.train.max_steps, recipe.train.resume = 14, True
     resumed, _ = train(recipe, log=lambda *a: None)
     assert resumed.steps == 14

@@ -10,12 +10,11 @@ import re
 import pytest
 from conftest import DATA_DIR
 
+from qvera.core.base import FALLBACK_CHAT_TEMPLATE, ensure_chat_template
 from qvera.training.data import (
-    FALLBACK_CHAT_TEMPLATE,
     IGNORE_INDEX,
     DataError,
     conversations,
-    ensure_chat_template,
     load_conversations,
     read_rows,
     tokenize_conversation,

@@ -273,3 +273,17 @@ def test_packing_puts_several_examples_in_each_sequence(tiny_llama_dir, tmp_path
     assert len(rows) < 28 and max(len(r["seq_lengths"]) for r in rows) > 1
     assert all(len(r["input_ids"]) <= 128 for r in rows)
     assert result.steps == 1 and result.train_loss is not None
+
+
+def test_the_summary_has_the_last_steps_loss_and_only_this_runs_tokens(tiny_llama_dir, tmp_path):
+    """The last step is logged whatever logging_steps says (its loss is the run's final loss),
+    and a resumed run's tokens/s counts only the tokens it trained itself."""
+    recipe = tiny_recipe(tiny_llama_dir, tmp_path, max_steps=3, logging_steps=2, save_steps=3, eval_steps=0)
+    first, _ = train(recipe, log=quiet)
+    assert [h["step"] for h in first.log_history if "loss" in h] == [2, 3]
+    assert first.train_loss == [h["loss"] for h in first.log_history if "loss" in h][-1]
+    resumed, _ = train(replace(recipe, train=replace(recipe.train, max_steps=5, resume=True)), log=quiet)
+    assert [h["step"] for h in resumed.log_history if "loss" in h] == [2, 3, 4, 5]
+    tokens = {h["step"]: h["num_tokens"] for h in resumed.log_history if "num_tokens" in h}
+    assert first.tokens == tokens[3]
+    assert 0 < resumed.tokens == tokens[5] < tokens[3]  # TRL restarts the count: 2 steps against 3
