@@ -26,9 +26,11 @@ GB = 2**30
 LEFTOVER_BYTES = 256 * 2**20  # cuBLAS workspaces and the like; a leftover model is gigabytes
 
 
-def build(shape: str, variant: str, compute_dtype: str, device: str):
-    """The random base with one variant attached, in training mode with gradient checkpointing."""
-    check_released(variant)
+def build(shape: str, variant: str, compute_dtype: str, device: str, alone: bool = True):
+    """The random base with one variant attached, in training mode with gradient checkpointing.
+    `alone`: nothing else may be resident (the memory figures are this variant's only)."""
+    if alone:
+        check_released(variant)
     config = ModelConfig(name=f"random:{shape}", quantization="nf4", compute_dtype=compute_dtype)
     model, _ = load_base(config, device_map="cpu" if device == "cpu" else None)
     add_fused_lm_head(model)  # before peft wraps it, as TRL does
@@ -43,7 +45,7 @@ class Stepper:
     """One optimizer step on batch x seq random tokens, the way sft.py takes it."""
 
     def __init__(self, model, method: str, device: str):
-        self.model, self.device = model, torch.device(device)
+        self.model, self.method, self.device = model, method, torch.device(device)
         self.params = [p for p in model.parameters() if p.requires_grad] if method != "floor" else []
         optimizer = bnb.optim.PagedAdamW8bit if self.device.type == "cuda" else torch.optim.AdamW
         self.optimizer = optimizer(self.params, lr=1e-4) if self.params else None
@@ -114,6 +116,31 @@ def measure(shape: str, variant: str, batch: int, seq: int, repeats: int, comput
     return row
 
 
+def interleaved_speeds(
+    shape: str, variants: list[str], batch: int, seq: int, rounds: int, compute_dtype: str, device: str
+) -> dict[str, float]:
+    """tokens/s per variant (median of `rounds` steps) with every variant's model resident and
+    one step of each in turn, the order rotating each round. Timed one variant after another,
+    two runs on one H100 put the same variant up to 45% apart, more than the gaps measured:
+    taken in turn, a drift in the GPU's clocks reaches every variant alike. Needs room for all
+    the models at once (about 35 GB for the seven 7B-shaped variants)."""
+    steppers = {}
+    for variant in variants:
+        model, method, _ = build(shape, variant, compute_dtype, device, alone=not steppers)
+        steppers[variant] = Stepper(model, method, device)
+        steppers[variant](batch, seq)  # warm-up: kernels chosen, optimizer state made
+    times: dict[str, list[float]] = {variant: [] for variant in variants}
+    for round_ in range(rounds):
+        shift = round_ % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            start = time.perf_counter()
+            steppers[variant](batch, seq)
+            times[variant].append(time.perf_counter() - start)
+    del model, steppers
+    release()
+    return {variant: round(batch * seq / statistics.median(t), 1) for variant, t in times.items()}
+
+
 def fits(step: Stepper, seq: int) -> bool:
     """Whether one step at `seq` tokens trains; after an out-of-memory error, frees what it left."""
     try:
@@ -172,11 +199,15 @@ def max_context(shape: str, variant: str, caps_gb: list[float], compute_dtype: s
 
 
 def ratios(rows: list[dict]) -> dict:
-    """The issue's targets, read off the rows (None where a row is missing)."""
+    """The issue's targets, read off the rows (None where a row is missing); speeds taken in
+    turn (`interleaved_speeds`) where the rows have them."""
     by_name = {f"{r['variant']}:{r['rank']}" if r["rank"] else r["variant"]: r for r in rows}
 
+    def speed(name: str) -> float:  # taken in turn where measured so, else one after another
+        return by_name[name].get("interleaved_tokens_per_s") or by_name[name]["tokens_per_s"]
+
     def ratio(a: str, b: str):
-        return round(by_name[a]["tokens_per_s"] / by_name[b]["tokens_per_s"], 3) if {a, b} <= set(by_name) else None
+        return round(speed(a) / speed(b), 3) if {a, b} <= set(by_name) else None
 
     qvera = by_name.get("qvera:512")
     return {
@@ -191,14 +222,16 @@ def ratios(rows: list[dict]) -> dict:
 def markdown(rows: list[dict], contexts: list[dict], summary: dict) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     lines = [
-        "| variant | rank | batch x seq | s/step | tokens/s | peak allocated GB | peak reserved GB | trainable |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | rank | batch x seq | s/step | tokens/s | tokens/s in turn | peak allocated GB "
+        "| peak reserved GB | trainable |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        in_turn = r.get("interleaved_tokens_per_s")
         lines.append(
             f"| {r['variant']} | {r['rank'] or '-'} | {r['batch']} x {r['seq']} | {r['step_s']:.3f} "
-            f"| {r['tokens_per_s']:.0f} | {fmt(r['peak_allocated_gb'])} | {fmt(r['peak_reserved_gb'])} "
-            f"| {r['trainable']:,} |"
+            f"| {r['tokens_per_s']:.0f} | {'-' if in_turn is None else f'{in_turn:.0f}'} "
+            f"| {fmt(r['peak_allocated_gb'])} | {fmt(r['peak_reserved_gb'])} | {r['trainable']:,} |"
         )
     lines += ["", "| ratio | value | target |", "|---|---:|---|"]
     targets = {

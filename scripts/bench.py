@@ -226,6 +226,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, help="tokens per sequence (cpu: 256; cuda: 2048)")
     parser.add_argument("--repeats", type=int, help="timed steps per variant (cpu: 4; cuda: 3)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="cuda: then time every variant again, all resident, one step each in turn, this many rounds "
+        "(the ratios use these; 0: off; default: %(default)s)",
+    )
+    parser.add_argument(
         "--reference-rank", type=int, default=512, help="peft VeRA rank for ratios (default: %(default)s)"
     )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
@@ -274,9 +281,10 @@ def main(argv=None) -> None:
 
 
 def bench_cuda(args, command: str) -> None:
-    """The GPU benchmark: every variant on the random base, then the context search; one process.
-    The JSON and markdown are rewritten after every row, so a run stopped by a time limit keeps
-    what it measured."""
+    """The GPU benchmark, one process: every variant alone on the random base (memory and speed),
+    then all of them resident and stepped in turn (speed, for the ratios), then the context
+    search. The JSON and markdown are rewritten after every row, so a run stopped by a time
+    limit keeps what it measured."""
     rows, contexts = [], []
     device = torch.cuda.get_device_name()
 
@@ -299,6 +307,14 @@ def bench_cuda(args, command: str) -> None:
             )
         )
         print(f"{variant}: {rows[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+        write()
+    if args.rounds:
+        speeds = train_step_bench.interleaved_speeds(
+            args.shape, args.variants, args.batch, args.seq, args.rounds, args.compute_dtype, "cuda"
+        )
+        for row, variant in zip(rows, args.variants):
+            row["interleaved_tokens_per_s"] = speeds[variant]
+        print(f"taken in turn: {speeds}", file=sys.stderr, flush=True)
         write()
     for variant in train_step_bench.CONTEXT_VARIANTS if args.max_context else []:
         contexts.append(train_step_bench.max_context(args.shape, variant, args.max_context, args.compute_dtype))

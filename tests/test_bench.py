@@ -121,6 +121,37 @@ def test_train_step_bench_frees_each_variant_before_the_next(monkeypatch, tmp_pa
     assert len(built) == 28 and [ref() for ref in built] == [None] * 28
 
 
+def test_interleaved_speeds_time_every_variant_in_turn_and_free_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("QVERA_CACHE", str(tmp_path))
+    order, built = [], []
+    build, step = train_step_bench.build, train_step_bench.Stepper.__call__
+
+    def recording_build(shape, variant, *args, **kwargs):
+        model, method, rank = build(shape, variant, *args, **kwargs)
+        built.append(weakref.ref(model.get_input_embeddings()))
+        return model, method, rank
+
+    def recording_step(self, batch, seq):
+        order.append(self.method)
+        return step(self, batch, seq)
+
+    monkeypatch.setattr(train_step_bench, "build", recording_build)
+    monkeypatch.setattr(train_step_bench.Stepper, "__call__", recording_step)
+    variants = ["floor", "peft-lora:4", "qvera:16"]
+    speeds = train_step_bench.interleaved_speeds("tiny", variants, 1, 16, 3, "float32", "cpu")
+    assert list(speeds) == variants and all(v > 0 for v in speeds.values())
+    # one warm-up each, then three rounds, each starting one variant later
+    methods = ["floor", "peft-lora", "qvera"]
+    assert order == methods + methods + methods[1:] + methods[:1] + methods[2:] + methods[:2]
+    assert [ref() for ref in built] == [None] * 3
+    rows = [
+        dict(variant=m, rank=r, tokens_per_s=1.0, peak_allocated_gb=1.0, peak_reserved_gb=1.0)
+        for m, r in (("qvera", 512), ("peft-lora", 64))
+    ]
+    rows[0]["interleaved_tokens_per_s"], rows[1]["interleaved_tokens_per_s"] = 3.0, 2.0
+    assert train_step_bench.ratios(rows)["qvera512_over_lora64"] == 1.5  # the ratios use the speeds in turn
+
+
 def test_train_step_bench_refuses_to_measure_over_a_leftover_model(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 3 * 2**30)
@@ -141,7 +172,7 @@ def test_gpu_bench_keeps_the_rows_measured_before_a_failure(monkeypatch, tmp_pat
 
     monkeypatch.setattr(train_step_bench, "measure", measure)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
-    args = argparse.Namespace(variants=["floor", "qvera:512"], shape="tiny", batch=1, seq=8, repeats=1)
+    args = argparse.Namespace(variants=["floor", "qvera:512"], shape="tiny", batch=1, seq=8, repeats=1, rounds=0)
     args.compute_dtype, args.max_context, args.json, args.markdown = "auto", [], tmp_path / "b.json", tmp_path / "b.md"
     with pytest.raises(RuntimeError, match="illegal memory access"):
         bench_cuda(args, "python scripts/bench.py --device cuda")
