@@ -11,18 +11,21 @@ import torch
 from conftest import RANK, logits, randomize_vectors, tiny_llama_config
 from peft import PeftModel, get_peft_model
 from peft import VeraConfig as PeftVeraConfig
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from qvera import ModelConfig, VeraConfig, attach_vera, load_base
-from qvera.adapters.format import read_adapter
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state
+from qvera.adapters.format import read_adapter, save_adapter
+from qvera.adapters.merge import merge_to_folder
 from qvera.adapters.peft_interop import export_peft
 from qvera.core.attach import vector_state, vera_layers
 from qvera.core.base import FALLBACK_CHAT_TEMPLATE
 from qvera.core.bnb import is_4bit
 from qvera.core.hardware import detect
 from qvera.core.random_base import byte_tokenizer
+from qvera.serving.store import AdapterStore
 from qvera.training.run import train
 from tests.serving.test_generation import ROW_ADAPTERS, assert_rows_match_alone, model_with_bank
+from tests.serving.test_scheduler import assert_batch_invariant_replies
 from tests.training.test_run import tiny_recipe
 
 pytestmark = [
@@ -228,3 +231,39 @@ def test_chat_logits_on_cuda_match_cpu(fp32_dir):
     attach_vera(gpu_model, VeraConfig(rank=RANK))
     randomize_vectors(gpu_model, 3)
     assert (tiny_logits(gpu_model, tokenizer).cpu() - logits(cpu_model, tokenizer)).abs().max().item() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def cuda_store(bf16_dir, tmp_path_factory):
+    """The tiny base in NF4 with bf16 compute on the GPU, and a store of two small random adapters."""
+    model, tokenizer = cuda_base(bf16_dir)
+    attach_vera(model, VeraConfig(rank=16, projection_seed=3))
+    folder = tmp_path_factory.mktemp("cuda-adapters")
+    generator = torch.Generator().manual_seed(1)
+    for name in ("a", "b"):
+        state = {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in vector_state(model).items()}
+        load_vector_state(model, state)
+        save_adapter(model, folder / name)
+    return model, tokenizer, AdapterStore(model, folder)
+
+
+def test_batch_invariant_server_replies_as_each_request_alone_on_cuda(cuda_store):
+    """The server's batcher on the GPU, bf16, rows joining and leaving: each reply's tokens and
+    logits are bit for bit those of the request served alone."""
+    assert_batch_invariant_replies(*cuda_store)
+
+
+def test_merged_folder_matches_the_adapted_model_on_cuda(bf16_dir, tmp_path):
+    """A merge on the GPU gives a plain bf16 folder whose logits are the adapted NF4 model's up to
+    bf16 rounding (measured as the adapted model's own distance from fp32 compute)."""
+    models = {}
+    for compute_dtype in ("float32", "bfloat16"):
+        model, tokenizer = cuda_base(bf16_dir, "nf4", compute_dtype)
+        attach_vera(model, VeraConfig(rank=RANK))
+        randomize_vectors(model, 4)
+        models[compute_dtype] = model
+    exact, ours = (tiny_logits(models[d], tokenizer) for d in ("float32", "bfloat16"))
+    folder = merge_to_folder(models["bfloat16"], tokenizer, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
+    rounding = (ours - exact).abs().max()
+    assert (tiny_logits(merged, tokenizer) - ours).abs().max() <= 3 * rounding

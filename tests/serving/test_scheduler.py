@@ -115,12 +115,14 @@ class RecordingScheduler(Scheduler):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.picked: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        # Keyed by id, with the job kept alive beside its list: a finished job's id could
+        # otherwise be reused by a later one, which would then inherit its tokens.
+        self.picked: dict[int, tuple[Job, list[tuple[int, torch.Tensor]]]] = {}
 
     def _pick(self, rows, logits):
         tokens = super()._pick(rows, logits)
         for row, token, row_logits in zip(rows, tokens, logits):
-            self.picked.setdefault(id(row.job), []).append((token, row_logits.clone()))
+            self.picked.setdefault(id(row.job), (row.job, []))[1].append((token, row_logits.clone()))
         return tokens
 
 
@@ -147,14 +149,17 @@ def serve(scheduler: RecordingScheduler, tokenizer, requests, joining=()):
         submit(*request)
     for finished in done:
         assert finished.wait(120), "a request did not finish"
-    return [scheduler.picked[id(job)] for job in jobs]
+    return [scheduler.picked[id(job)][1] for job in jobs]
 
 
 def test_batch_invariant_scheduler_replies_as_each_request_alone_bf16(smollm2_store):
     """bf16 on the NF4 base: prompts of very different lengths, chunked prefill shared among
     them, rows joining and leaving mid-run (so pads between a row's keys): each request gets
     the very tokens, from the very logits, that it gets served alone."""
-    model, tokenizer, store = smollm2_store
+    assert_batch_invariant_replies(*smollm2_store)
+
+
+def assert_batch_invariant_replies(model, tokenizer, store):
     scheduler = RecordingScheduler(model, tokenizer, store, prefill_tokens=32, batch_invariant=True).start()
     try:
         mixed = serve(scheduler, tokenizer, REQUESTS[:2], joining=REQUESTS[2:])
