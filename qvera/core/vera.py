@@ -63,9 +63,12 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
 
 
 def autocast_off(x: torch.Tensor):
-    """The adapter math picks its dtype itself; autocast would re-cast A and B on every call."""
+    """The adapter math picks its dtype itself; autocast would re-cast A and B on every call.
+    Entered only where autocast is on: a decode step calls this once a layer."""
     device = x.device.type
-    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return nullcontext()
 
 
 class SharedProjections(nn.Module):
@@ -103,7 +106,8 @@ class SharedProjections(nn.Module):
             ref, last_key, ax = self._last_input
             if ref() is x and last_key == key:
                 return ax
-        ax = ProjectDown.apply(x.to(A.dtype), A)
+        x = x.to(A.dtype)
+        ax = ProjectDown.apply(x, A) if torch.is_grad_enabled() else F.linear(x, A)  # no autograd node to decode
         self._last_input = (weakref.ref(x, self._forgetter()), key, ax)
         return ax
 
@@ -153,6 +157,11 @@ class VeraDelta(torch.autograd.Function):
         v = F.linear(ax * lambda_d.to(ax.dtype), B)
         ctx.save_for_backward(ax, v, lambda_d, lambda_b)
         return v * lambda_b.to(ax.dtype)
+
+    @staticmethod
+    def inference(ax, lambda_d, lambda_b, B):
+        """The forward without an autograd node, for calls with gradients off (decoding)."""
+        return F.linear(ax * lambda_d.to(ax.dtype), B) * lambda_b.to(ax.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -315,7 +324,7 @@ class VeraLinear(nn.Module):
             ax = projections.project(x.to(dtype), A)
             scale = None
             if self.row_vectors is None:
-                delta = VeraDelta.apply(ax, lambda_d, lambda_b, B)
+                delta = (VeraDelta.apply if torch.is_grad_enabled() else VeraDelta.inference)(ax, lambda_d, lambda_b, B)
                 if magnitude:
                     scale = self.lambda_m.float() / self.adapted_norms(lambda_d, lambda_b)
             else:

@@ -8,6 +8,7 @@ from qvera.core.vera import (
     FoldedVeraLinear,
     SharedProjections,
     VeraDelta,
+    VeraLinear,
     delta_weight,
     generate_projections,
 )
@@ -78,3 +79,22 @@ def test_shared_projection_is_computed_once_per_input():
     assert projections.project(x.clone(), A) is not first
     x.add_(1.0)  # an in-place change must not reuse the stale product
     torch.testing.assert_close(projections.project(x, A), x @ A.t())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_layer_without_gradients_gives_the_same_numbers(autocast):
+    """Decoding skips autograd's nodes and the autocast switch; the output must not move a bit."""
+    torch.manual_seed(2)
+    layer = VeraLinear(
+        torch.nn.Linear(24, 20).to(torch.bfloat16), SharedProjections(16, 24, 20, seed=0), 0.1, fold=False
+    )
+    with torch.no_grad():
+        layer.lambda_d.normal_()
+        layer.lambda_b.normal_()
+    x = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with_grad = layer(x)
+        with torch.no_grad():
+            without = layer(x)
+    assert with_grad.grad_fn is not None and without.grad_fn is None
+    assert torch.equal(with_grad, without)
