@@ -106,8 +106,8 @@ class SharedProjections(nn.Module):
             ref, last_key, ax = self._last_input
             if ref() is x and last_key == key:
                 return ax
-        x = x.to(A.dtype)
-        ax = ProjectDown.apply(x, A) if torch.is_grad_enabled() else F.linear(x, A)  # no autograd node to decode
+        x_c = x.to(A.dtype)
+        ax = ProjectDown.apply(x_c, A) if torch.is_grad_enabled() else F.linear(x_c, A)  # no autograd node to decode
         self._last_input = (weakref.ref(x, self._forgetter()), key, ax)
         return ax
 
