@@ -309,13 +309,23 @@ def bench_cuda(args, command: str) -> None:
         print(f"{variant}: {rows[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
         write()
     if args.rounds:
-        speeds = train_step_bench.interleaved_speeds(
-            args.shape, args.variants, args.batch, args.seq, args.rounds, args.compute_dtype, "cuda"
-        )
-        for row, variant in zip(rows, args.variants):
-            row["interleaved_tokens_per_s"] = speeds[variant]
-        print(f"taken in turn: {speeds}", file=sys.stderr, flush=True)
-        write()
+        try:
+            speeds = train_step_bench.interleaved_speeds(
+                args.shape, args.variants, args.batch, args.seq, args.rounds, args.compute_dtype, "cuda"
+            )
+        except torch.OutOfMemoryError:
+            speeds = None
+        if speeds is None:
+            train_step_bench.release()  # out here: inside the except clause its traceback still held the models
+            message = (
+                "the variants do not fit on this GPU all at once; the ratios use the timings taken one after another"
+            )
+            print(f"{message} (--rounds 0 skips the attempt)", file=sys.stderr, flush=True)
+        else:
+            for row, variant in zip(rows, args.variants):
+                row["interleaved_tokens_per_s"] = speeds[variant]
+            print(f"taken in turn: {speeds}", file=sys.stderr, flush=True)
+            write()
     for variant in train_step_bench.CONTEXT_VARIANTS if args.max_context else []:
         contexts.append(train_step_bench.max_context(args.shape, variant, args.max_context, args.compute_dtype))
         write()

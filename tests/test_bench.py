@@ -179,3 +179,21 @@ def test_gpu_bench_keeps_the_rows_measured_before_a_failure(monkeypatch, tmp_pat
     report = json.loads(args.json.read_text())
     assert report["device"] == "a GPU" and [r["variant"] for r in report["rows"]] == ["floor"]
     assert "| floor | - | 1 x 8 |" in args.markdown.read_text()
+
+
+def test_gpu_bench_falls_back_when_the_variants_do_not_fit_at_once(monkeypatch, tmp_path, capsys):
+    bench_cuda = runpy.run_path(str(ROOT / "scripts" / "bench.py"), run_name="bench")["bench_cuda"]
+    row = dict(variant="floor", rank=0, batch=1, seq=8, step_s=1.0, tokens_per_s=8.0, trainable=0)
+    row |= dict(peak_allocated_gb=1.0, peak_reserved_gb=1.0)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train_step_bench, "measure", lambda *args: dict(row))
+    monkeypatch.setattr(train_step_bench, "interleaved_speeds", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    args = argparse.Namespace(variants=["floor"], shape="tiny", batch=1, seq=8, repeats=1, rounds=5)
+    args.compute_dtype, args.max_context, args.json, args.markdown = "auto", [], tmp_path / "b.json", tmp_path / "b.md"
+    bench_cuda(args, "python scripts/bench.py --device cuda")
+    assert "do not fit on this GPU all at once" in capsys.readouterr().err
+    assert "interleaved_tokens_per_s" not in json.loads(args.json.read_text())["rows"][0]
