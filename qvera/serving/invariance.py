@@ -16,6 +16,11 @@ Three things make a row's logits depend on what else shares its batch:
   dot products round differently when a product has 1, 12 or 400 rows. `FixedRowTiles` runs
   every product on tiles of exactly the same number of rows (zero-filled at the end), so each
   row meets the same kernel whatever the batch; it costs the products of the filler rows.
+- Rotary angles. cos and sin are computed elementwise over the whole batch's positions, and
+  those kernels' vectorized and scalar paths can differ in the last bit, so a position's value
+  can depend on where it falls in the tensor (seen in fp16, where the difference survives the
+  cast, in about one process of five). `rotary_from_table` gathers every position's cos and
+  sin from one table, computed once, instead.
 """
 
 from __future__ import annotations
@@ -183,10 +188,49 @@ class FixedRowTiles(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _rotary_table(module: nn.Module, forward, positions: int, device: torch.device):
+    """(cos, sin) in fp32 for positions 0..positions-1 (at least), from the module's own forward."""
+    table = getattr(module, "_qvera_rotary_table", None)
+    if table is None or table[0].shape[0] < positions or table[0].device != device:
+        size = max(positions, module.config.max_position_embeddings)
+        ids = torch.arange(size, device=device)[None]
+        cos, sin = forward(torch.empty(0, device=device), ids)  # x gives only the device and dtype (fp32)
+        table = module._qvera_rotary_table = (cos[0], sin[0])
+    return table
+
+
+@contextmanager
+def rotary_from_table(model: nn.Module):
+    """Within this context, rotary embeddings of the default kind gather cos and sin per position
+    from one table (see the module docstring). Others (dynamic scaling) are left as they are."""
+    modules = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("RotaryEmbedding") and getattr(m, "rope_type", None) == "default"
+    ]
+    previous = [module.__dict__.get("forward") for module in modules]  # set by an enclosing context, if any
+    for module in modules:
+
+        def tabled(x, position_ids, module=module, forward=type(module).forward.__get__(module)):
+            cos, sin = _rotary_table(module, forward, int(position_ids.max()) + 1, x.device)
+            return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
+
+        module.forward = tabled
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, previous):
+            if forward is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = forward
+
+
 @contextmanager
 def generation_numerics(model: nn.Module, batch_invariant: bool):
     """How `decode_steps` and the server's scheduler run each forward: always row by row in
-    attention; with `batch_invariant`, attention in fixed query tiles and matrix products on
-    fixed row tiles too."""
-    with row_attention(model, query_tiles=batch_invariant), FixedRowTiles() if batch_invariant else nullcontext():
+    attention; with `batch_invariant`, attention in fixed query tiles, matrix products on fixed
+    row tiles and rotary angles from one table too."""
+    invariant = (FixedRowTiles(), rotary_from_table(model)) if batch_invariant else (nullcontext(), nullcontext())
+    with row_attention(model, query_tiles=batch_invariant), invariant[0], invariant[1]:
         yield

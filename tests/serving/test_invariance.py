@@ -2,7 +2,8 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import sdpa_mask
 
-from qvera.serving.invariance import QUERY_TILE, row_attention_forward
+from qvera import ModelConfig, load_base
+from qvera.serving.invariance import QUERY_TILE, rotary_from_table, row_attention_forward
 
 GENERATOR = torch.Generator().manual_seed(0)
 
@@ -77,3 +78,18 @@ def test_query_tiles_make_attention_independent_of_the_prefill_chunks():
             assert torch.equal(fed_in_chunks(*prompt, tiles_a_chunk, QUERY_TILE), whole), f"{tiles_a_chunk} tiles"
         moved += not torch.equal(fed_in_chunks(*prompt, 1, None), fed_in_chunks(*prompt, length, None))
     assert moved, "untiled, some chunked prompt should have attended otherwise than whole"
+
+
+def test_rotary_angles_come_from_one_table_inside_the_mode(tiny_llama_dir):
+    model, _ = load_base(ModelConfig(name=tiny_llama_dir, quantization="fp32"))
+    rotary = model.model.rotary_emb
+    positions, x = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8]]), torch.empty(0, dtype=torch.float16)
+    usual_cos, usual_sin = rotary(x, positions)
+    with rotary_from_table(model):
+        cos, sin = rotary(x, positions)
+        alone_cos, alone_sin = rotary(x, positions[1:, 1:])
+    assert torch.equal(cos[1, 1:], alone_cos[0]) and torch.equal(sin[1, 1:], alone_sin[0])
+    # The usual angles, to fp16's last bit at most; and the class's forward is back afterwards.
+    torch.testing.assert_close(cos, usual_cos, atol=1e-3, rtol=0)
+    torch.testing.assert_close(sin, usual_sin, atol=1e-3, rtol=0)
+    assert "forward" not in rotary.__dict__ and rotary(x, positions)[0].dtype == torch.float16
