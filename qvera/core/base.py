@@ -149,7 +149,8 @@ def quantization_config(config: ModelConfig, dtype: torch.dtype | None = None):
 
 
 # A base without a chat template (Llama-2-7b-hf, the random bases) gets this one, for training,
-# chat, serving and evaluation alike, so an adapter is always prompted as it was trained.
+# chat, serving and evaluation alike, so an adapter is always prompted as it was trained: plain
+# text markers, and an EOS after each answer so the tuned model learns to stop.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"

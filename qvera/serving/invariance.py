@@ -231,6 +231,9 @@ def generation_numerics(model: nn.Module, batch_invariant: bool):
     """How `decode_steps` and the server's scheduler run each forward: always row by row in
     attention; with `batch_invariant`, attention in fixed query tiles, matrix products on fixed
     row tiles and rotary angles from one table too."""
-    invariant = (FixedRowTiles(), rotary_from_table(model)) if batch_invariant else (nullcontext(), nullcontext())
-    with row_attention(model, query_tiles=batch_invariant), invariant[0], invariant[1]:
+    with (
+        row_attention(model, query_tiles=batch_invariant),
+        FixedRowTiles() if batch_invariant else nullcontext(),
+        rotary_from_table(model) if batch_invariant else nullcontext(),
+    ):
         yield

@@ -23,8 +23,6 @@ IGNORE_INDEX = -100
 KEYED_FORMATS = {"alpaca": ("instruction", "output"), "prompt-completion": ("prompt", "completion")}
 
 
-# For bases without a chat template (e.g. Llama-2-7b-hf): plain text markers, an EOS after
-# each answer so the tuned model learns to stop.
 class DataError(ValueError):
     """A data problem the user must fix; the message names the file and row."""
 

@@ -33,6 +33,7 @@ from qvera.training.trainer import (
     LogLastStep,
     ProgressWithThroughput,
     VeraSFTTrainer,
+    checkpoint_step,
     last_checkpoint,
     lr_scales,
     trainer_arguments,
@@ -187,8 +188,8 @@ def train(recipe: SFTRecipe, log=print) -> tuple[SFTResult, VeraSFTTrainer]:
     train_losses = [h["loss"] for h in history if "loss" in h]
     # Tokens trained by this run. A resumed run's history starts with the checkpoint's entries,
     # and TRL counts num_tokens from zero in every process: this run's are the entries after it.
-    start_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
-    tokens = tokens_seen(h for h in history if h.get("step", 0) > start_step)
+    start_step = checkpoint_step(checkpoint) if checkpoint else 0
+    tokens = max((h.get("num_tokens", 0) for h in history if h.get("step", 0) > start_step), default=0)
     result = SFTResult(
         output_dir=output_dir,
         adapter_dir=adapter_dir,
@@ -202,10 +203,6 @@ def train(recipe: SFTRecipe, log=print) -> tuple[SFTResult, VeraSFTTrainer]:
         log_history=history,
     )
     return result, trainer
-
-
-def tokens_seen(history) -> int:
-    return max((h.get("num_tokens", 0) for h in history), default=0)
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

@@ -145,11 +145,16 @@ class ProgressWithThroughput(ProgressCallback):
             self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step a `checkpoint-N` folder holds."""
+    return int(folder.name.split("-")[-1])
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest checkpoint; folders appear complete (by rename), so any found is whole."""
     folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
     folders = [p for p in folders if (p / CHECKPOINT_VECTORS).is_file()]
-    return max(folders, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return max(folders, key=checkpoint_step, default=None)
 
 
 def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:

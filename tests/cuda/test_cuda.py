@@ -13,8 +13,8 @@ from peft import PeftModel, get_peft_model
 from peft import VeraConfig as PeftVeraConfig
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state
-from qvera.adapters.format import read_adapter, save_adapter
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.adapters.format import read_adapter
 from qvera.adapters.merge import merge_to_folder
 from qvera.adapters.peft_interop import export_peft
 from qvera.core.attach import vector_state, vera_layers
@@ -22,10 +22,9 @@ from qvera.core.base import FALLBACK_CHAT_TEMPLATE
 from qvera.core.bnb import is_4bit
 from qvera.core.hardware import detect
 from qvera.core.random_base import byte_tokenizer
-from qvera.serving.store import AdapterStore
 from qvera.training.run import train
 from tests.serving.test_generation import ROW_ADAPTERS, assert_rows_match_alone, model_with_bank
-from tests.serving.test_scheduler import assert_batch_invariant_replies
+from tests.serving.test_scheduler import assert_batch_invariant_replies, two_adapter_store
 from tests.training.test_run import tiny_recipe
 
 pytestmark = [
@@ -237,14 +236,7 @@ def test_chat_logits_on_cuda_match_cpu(fp32_dir):
 def cuda_store(bf16_dir, tmp_path_factory):
     """The tiny base in NF4 with bf16 compute on the GPU, and a store of two small random adapters."""
     model, tokenizer = cuda_base(bf16_dir)
-    attach_vera(model, VeraConfig(rank=16, projection_seed=3))
-    folder = tmp_path_factory.mktemp("cuda-adapters")
-    generator = torch.Generator().manual_seed(1)
-    for name in ("a", "b"):
-        state = {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in vector_state(model).items()}
-        load_vector_state(model, state)
-        save_adapter(model, folder / name)
-    return model, tokenizer, AdapterStore(model, folder)
+    return model, tokenizer, two_adapter_store(model, tmp_path_factory.mktemp("cuda-adapters"))
 
 
 def test_batch_invariant_server_replies_as_each_request_alone_on_cuda(cuda_store):

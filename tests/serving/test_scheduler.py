@@ -98,8 +98,12 @@ def smollm2_store(tmp_path_factory, smollm2_dir):
     """The real SmolLM2 in NF4 with bf16 compute, and a store of two small random adapters."""
     model, tokenizer = load_base("smollm2-135m")
     assert model.dtype == torch.bfloat16
+    return model, tokenizer, two_adapter_store(model, tmp_path_factory.mktemp("adapters"))
+
+
+def two_adapter_store(model, folder) -> AdapterStore:
+    """VeRA attached to `model`, and a store in `folder` of two small random adapters, a and b."""
     attach_vera(model, VeraConfig(rank=16, projection_seed=3))
-    folder = tmp_path_factory.mktemp("adapters")
     generator = torch.Generator().manual_seed(1)
     for name in ("a", "b"):
         # Small vectors: the adapter moves the logits without drowning the base model's reply.
@@ -107,7 +111,7 @@ def smollm2_store(tmp_path_factory, smollm2_dir):
             model, {k: 0.1 * torch.randn(v.shape, generator=generator) for k, v in vector_state(model).items()}
         )
         save_adapter(model, folder / name)
-    return model, tokenizer, AdapterStore(model, folder)
+    return AdapterStore(model, folder)
 
 
 class RecordingScheduler(Scheduler):
