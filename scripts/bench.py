@@ -249,6 +249,8 @@ def main(argv=None) -> None:
             setattr(args, name, on_cuda if cuda else on_cpu)
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to PyTorch")
+    if args.rounds < 0:
+        parser.error(f"--rounds must be 0 (off) or more, got {args.rounds}")
     if args.max_context and not cuda:
         parser.error("--max-context needs --device cuda (it caps GPU memory)")
     if "floor" not in args.variants:

@@ -93,8 +93,12 @@ def test_train_step_bench_runs_each_kind_of_variant_on_a_cpu(monkeypatch, tmp_pa
     assert "| qvera | 512 | 1 x 32 |" in train_step_bench.markdown(rows, [], summary)
 
 
-def test_bench_cuda_and_max_context_need_a_gpu():
-    for flags, message in ((["--device", "cuda"], "no CUDA GPU"), (["--max-context", "8"], "needs --device cuda")):
+def test_bench_refuses_bad_flags_in_one_line():
+    for flags, message in (
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--max-context", "8"], "needs --device cuda"),
+        (["--rounds", "-1"], "--rounds must be 0 (off) or more, got -1"),
+    ):
         if flags[0] == "--device" and torch.cuda.is_available():
             continue
         result = subprocess.run(
