@@ -15,14 +15,20 @@ batch; decode tokens/s counts those steps' tokens over their forward time.
 Every row decodes exactly `--new-tokens` tokens (no end token stops it). Decode tokens/s
 counts the tokens after the first, over the time after the prefill; `--repeats` runs the
 three in turn (mixed and single swap places every other repeat) and keeps each one's best,
-the least disturbed by other load. Also printed: memory per resident adapter (vectors kept in
-the compute dtype, as the server keeps them), and how many Llama-2-7B adapters at the same
-rank and dtype fit in 1 GB (10^9 bytes; sizes from a meta-device model).
+the least disturbed by other load. Each run lengthens every prompt by one more token (its
+first, repeated), so no run meets shapes an earlier one saw: live traffic does not either,
+and a kernel cache keyed on shapes (cuDNN's attention plans on Hopper GPUs) would otherwise
+make a repeat look faster than serving is. `--compare-cudnn` also times the loop with
+cuDNN's attention allowed, as torch picks it (see `qvera.serving.attention_kernels`).
+Also printed: memory per resident adapter (vectors kept in the compute dtype, as the server
+keeps them), and how many Llama-2-7B adapters at the same rank and dtype fit in 1 GB (10^9
+bytes; sizes from a meta-device model).
 
     python scripts/bench_serving.py                    # SmolLM2-135M in NF4, 32 adapters at r=512
     python scripts/bench_serving.py --json serving.json
     python scripts/bench_serving.py --threads 1 --new-tokens 8 --loop-adapters 8   # a busy CPU
     python scripts/bench_serving.py --threads 1 --new-tokens 8 --server            # batch-invariant cost
+    python scripts/bench_serving.py --model random:llama2-7b --loop-adapters 4 --compare-cudnn   # a GPU
 """
 
 from __future__ import annotations
@@ -46,12 +52,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ liv
 from experiments.profiling import llama2_7b_adapter_size
 from qvera.adapters import save_adapter
 from qvera.core.attach import vector_state
+from qvera.serving.attention_kernels import ALLOW_CUDNN_VARIABLE
 from qvera.serving.bank import AdapterBank
 from qvera.serving.generation import Sampling, chat_prompt, decode_steps
 from qvera.serving.scheduler import Job, Scheduler
 from qvera.serving.store import AdapterStore
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "alpaca_en_demo.json"
+
+
+class FreshShapes:
+    """The prompts, one token longer at every call: each timed run meets shapes never run before."""
+
+    def __init__(self, prompts: list[list[int]]):
+        self.prompts, self.calls = prompts, 0
+
+    def __call__(self) -> list[list[int]]:
+        self.calls += 1
+        return [prompt[:1] * self.calls + prompt for prompt in self.prompts]
 
 
 def timed_decode(model, tokenizer, prompts, new_tokens, context) -> tuple[float, float]:
@@ -101,10 +119,11 @@ def bench_server(model, tokenizer, bank, names, prompts, args) -> None:
             save_adapter(model, Path(folder) / name)
         store = AdapterStore(model, folder, max_resident=len(names))
         best: dict[str, float] = {}
+        fresh = FreshShapes(prompts)
         for repeat in range(args.repeats):
             modes = (False, True) if repeat % 2 == 0 else (True, False)  # neither always goes first
             for invariant in modes:
-                seconds, tokens = served_decode(model, tokenizer, store, prompts, names, args.new_tokens, invariant)
+                seconds, tokens = served_decode(model, tokenizer, store, fresh(), names, args.new_tokens, invariant)
                 label = "batch_invariant" if invariant else "default"
                 best[label] = max(best.get(label, 0.0), tokens / seconds)
             print(f"repeat {repeat + 1}/{args.repeats}: {best}", file=sys.stderr, flush=True)
@@ -140,6 +159,9 @@ def main() -> None:
     parser.add_argument(
         "--server", action="store_true", help="time the server's batcher, default against batch-invariant mode"
     )
+    parser.add_argument(
+        "--compare-cudnn", action="store_true", help="also time the loop with cuDNN attention allowed (GPU)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,23 +187,34 @@ def main() -> None:
         if label not in best or decode < best[label][1]:
             best[label] = (prefill, decode)
 
+    fresh = FreshShapes(prompts)
+
     def mixed():
-        keep("mixed", *timed_decode(model, tokenizer, prompts, args.new_tokens, bank.mixed_batch(names)))
+        keep("mixed", *timed_decode(model, tokenizer, fresh(), args.new_tokens, bank.mixed_batch(names)))
 
     def single():
         bank.activate(names[0])
-        keep("single", *timed_decode(model, tokenizer, prompts, args.new_tokens, nullcontext()))
+        keep("single", *timed_decode(model, tokenizer, fresh(), args.new_tokens, nullcontext()))
+
+    def loop(label="loop"):
+        prefill = decode = 0.0
+        for name, prompt in list(zip(names, fresh()))[:loop_count]:
+            bank.activate(name)
+            p, d = timed_decode(model, tokenizer, [prompt], args.new_tokens, nullcontext())
+            prefill, decode = prefill + p, decode + d
+        # Scaled to all prompts, so the rows answer the same work.
+        keep(label, prefill * len(prompts) / loop_count, decode * len(prompts) / loop_count)
 
     for repeat in range(args.repeats):
         for run in (mixed, single) if repeat % 2 == 0 else (single, mixed):  # neither always goes first
             run()
-        prefill = decode = 0.0
-        for name, prompt in list(zip(names, prompts))[:loop_count]:
-            bank.activate(name)
-            p, d = timed_decode(model, tokenizer, [prompt], args.new_tokens, nullcontext())
-            prefill, decode = prefill + p, decode + d
-        # Scaled to all prompts, so the three rows answer the same work.
-        keep("loop", prefill * len(prompts) / loop_count, decode * len(prompts) / loop_count)
+        loop()
+        if args.compare_cudnn:
+            os.environ[ALLOW_CUDNN_VARIABLE] = "1"
+            try:
+                loop("loop_cudnn")
+            finally:
+                del os.environ[ALLOW_CUDNN_VARIABLE]
         print(
             f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} decode {v[1]:.1f} s" for k, v in best.items()),
             file=sys.stderr,
@@ -211,6 +244,7 @@ def main() -> None:
         "seconds": {label: {"prefill": p, "decode": d} for label, (p, d) in best.items()},
         "mixed_over_single": speed["mixed"] / speed["single"],
         "mixed_over_loop": speed["mixed"] / speed["loop"],
+        **({"loop_over_loop_cudnn": speed["loop"] / speed["loop_cudnn"]} if args.compare_cudnn else {}),
         "bytes_per_resident_adapter": per_adapter,
         "llama2_7b": {"rank": args.rank, "bytes_per_adapter": llama_bytes, "adapters_per_GB": 10**9 // llama_bytes},
     }
@@ -223,10 +257,15 @@ def main() -> None:
         ("mixed", f"{args.adapters} distinct adapters, one batch"),
         ("single", "one adapter, one batch"),
         ("loop", f"one adapter at a time ({loop_count} timed, scaled to {len(prompts)})"),
+        ("loop_cudnn", "the loop again, cuDNN attention allowed (torch's own order)"),
     ):
+        if label not in best:
+            continue
         p, d = best[label]
-        print(f"  {label:6} {speed[label]:8.1f} decode tokens/s  (prefill {p:.2f} s, decode {d:.2f} s)  {text}")
+        print(f"  {label:10} {speed[label]:8.1f} decode tokens/s  (prefill {p:.2f} s, decode {d:.2f} s)  {text}")
     print(f"  mixed / single = {results['mixed_over_single']:.3f}   mixed / loop = {results['mixed_over_loop']:.2f}")
+    if args.compare_cudnn:
+        print(f"  loop without / with cuDNN attention = {results['loop_over_loop_cudnn']:.3f}")
     print(f"  memory per resident adapter: {per_adapter:,} bytes ({s['resident_dtype']} vectors)")
     print(
         f"  Llama-2-7B, r={args.rank}: {llama_bytes:,} bytes per adapter, "

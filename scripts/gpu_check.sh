@@ -2,9 +2,9 @@
 # The GPU check in one command, offline: the `cuda` tests, a 20-step sft.py run on a random-weight
 # model of Llama-2-7B's shapes (NF4 on the GPU) with paged 8-bit AdamW, a checkpoint every 10
 # steps, then a resume; chat with the trained adapter; the many-adapter serving benchmark (one
-# mixed batch, and the server's batcher in both numerics modes); last a short GPU training
-# benchmark at the same shapes. On one H100 the stages up to the serving benchmark took 4 minutes;
-# the whole check is meant to fit in 8.
+# mixed batch, one adapter at a time with and without cuDNN's attention, and the server's batcher
+# in both numerics modes); last a short GPU training benchmark at the same shapes. On one H100
+# the stages up to the serving benchmark took 4 minutes; the whole check is meant to fit in 8.
 #
 #     bash scripts/gpu_check.sh OUT_DIR
 #
@@ -120,7 +120,7 @@ stage chat "$OUT/chat.log" \
     "$PYTHON" scripts/chat.py --model random:llama2-7b --adapter "$OUT/sft/adapter" --max-new-tokens 16 \
     --prompt "Name three rivers." --adapter none --prompt "Name three rivers."
 SERVING=("$PYTHON" scripts/bench_serving.py --model random:llama2-7b --adapters 32 --new-tokens 32 --repeats 2)
-stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 4 --json "$OUT/serving.json"
+stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 4 --compare-cudnn --json "$OUT/serving.json"
 stage serving_batcher "$OUT/serving_batcher.log" "${SERVING[@]}" --server --json "$OUT/serving_batcher.json"
 
 stage bench "$OUT/bench.log" \

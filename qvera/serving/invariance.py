@@ -25,7 +25,9 @@ Three things make a row's logits depend on what else shares its batch:
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +36,103 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from qvera.serving.attention_kernels import without_cudnn_attention
+
 ROW_ATTENTION = "qvera_row_sdpa"
 TILED_ROW_ATTENTION = "qvera_row_sdpa_tiled"
 TILE_ROWS = 32
 QUERY_TILE = 16  # queries per attention call in the batch-invariant mode; prefill chunks start on its multiples
+
+
+@dataclass(frozen=True)
+class _RowCall:
+    """What one row sends to SDPA: its real queries and keys, then per query tile (one tile
+    without `query_tile`) the tile's queries within the row's and how many keys it sees (None
+    for a single tile: all of them), and its mask or `is_causal`."""
+
+    row: int
+    queries: slice | torch.Tensor
+    keys: slice | torch.Tensor
+    tiles: tuple[tuple[slice | None, int | None, torch.Tensor | None, bool], ...]
+
+
+def _plan_rows(attention_mask, batch, q_length, kv_length, device, query_tile) -> tuple[list[_RowCall], bool]:
+    """The row calls for one mask, and whether every row has all its queries real (then the
+    output is the rows stacked). Reading the mask's counts waits for the device, so a forward
+    plans once and its layers reuse the plan (`_row_plan`)."""
+    if attention_mask is None:  # no padding: every row whole, nothing to read from the device
+        counts, left_padded = [kv_length] * batch, [True] * batch
+    else:
+        real = attention_mask[:, 0, -1]  # the last query sees every real key of its row, in causal masks
+        counts = real.sum(-1)
+        left_padded = (real == (torch.arange(kv_length, device=device) >= kv_length - counts[:, None])).all(-1)
+        counts, left_padded = counts.tolist(), left_padded.tolist()
+    calls, full = [], True
+    for row, (count, contiguous) in enumerate(zip(counts, left_padded)):
+        if contiguous:  # the fast path: slices, no copies
+            start = kv_length - count
+            first_query = max(0, start - (kv_length - q_length))
+            queries, keys, n_queries = slice(first_query, q_length), slice(start, kv_length), q_length - first_query
+        else:
+            keys = real[row].nonzero().squeeze(-1)
+            queries = real[row, kv_length - q_length :].nonzero().squeeze(-1)
+            count, n_queries = len(keys), len(queries)
+        full = full and n_queries == q_length
+        if n_queries == 0:
+            continue
+        mask = None
+        if attention_mask is not None and 1 < n_queries < count:
+            mask = attention_mask[row : row + 1, :, queries][..., keys]
+        calls.append(_RowCall(row, queries, keys, _query_tiles(n_queries, count, mask, query_tile, device)))
+    return calls, full
+
+
+def _query_tiles(queries: int, keys: int, mask, query_tile, device):
+    """One row's SDPA calls: its queries are its last real positions. With `query_tile`,
+    queries go in tiles that start at multiples of it in the row's own positions, each over the
+    keys up to its last query: then a query's numbers depend neither on how a prompt was cut
+    into prefill chunks (chunks starting on tile multiples) nor on the other queries of the
+    call. SDPA's sums shift with both otherwise."""
+    first = keys - queries  # the row's position of the first query
+    bounds = [(first, keys)]
+    if query_tile is not None:
+        starts = [first] + list(range((first // query_tile + 1) * query_tile, keys, query_tile))
+        bounds = list(zip(starts, starts[1:] + [keys]))
+    tiles = []
+    for start, end in bounds:
+        tile_mask = None
+        if 1 < end - start < end:  # queries after earlier keys: is_causal would align them top-left
+            if mask is None:
+                tile_mask = torch.ones(end - start, end, dtype=torch.bool, device=device).tril(start)
+            else:
+                tile_mask = mask[:, :, start - first : end - first, :end]
+        whole = len(bounds) == 1  # the row's queries over all its keys: no slicing needed
+        queries_in_tile = None if whole else slice(start - first, end - first)
+        tiles.append((queries_in_tile, None if whole else end, tile_mask, tile_mask is None and end - start > 1))
+    return tuple(tiles)
+
+
+_last_plan: tuple | None = None  # (weak reference to a mask, the plan's key, the plan)
+
+
+def _row_plan(attention_mask, batch, q_length, kv_length, device, query_tile):
+    """`_plan_rows`, kept while the mask that every layer of one forward receives lives."""
+    global _last_plan
+    key = (batch, q_length, kv_length, device, query_tile)
+    cached = _last_plan  # read once: a server's worker and another thread may both run a model
+    if attention_mask is not None and cached is not None and cached[0]() is attention_mask and cached[1] == key:
+        return cached[2]
+    plan = _plan_rows(attention_mask, batch, q_length, kv_length, device, query_tile)
+    if attention_mask is not None:
+        _last_plan = (weakref.ref(attention_mask, _forget_plan), key, plan)
+    return plan
+
+
+def _forget_plan(dead_mask):
+    """Drops the plan with its mask: a prefill's masks per row are as large as the mask."""
+    global _last_plan
+    if _last_plan is not None and _last_plan[0] is dead_mask:
+        _last_plan = None
 
 
 def row_attention_forward(
@@ -50,73 +145,36 @@ def row_attention_forward(
     it is real where that key is. A left-padded row is sliced; a row with pads between its keys
     (a continuous batch's rows joining, leaving and taking chunks of unequal length) has its real
     keys gathered. Either way the row makes the call it makes alone. Padding queries get zeros:
-    nothing real reads them. `query_tile`: see `_attend`.
+    nothing real reads them. `query_tile`: see `_query_tiles`.
     """
     batch, heads, q_length, _ = query.shape
-    kv_length = key.shape[2]
-    output = query.new_zeros(batch, q_length, heads, value.shape[-1])
-    if attention_mask is None:
-        real = torch.ones(batch, kv_length, dtype=torch.bool, device=key.device)
-    else:
-        real = attention_mask[:, 0, -1]  # the last query sees every real key of its row, in causal masks
-    counts = real.sum(-1)
-    left_padded = (real == (torch.arange(kv_length, device=real.device) >= kv_length - counts[:, None])).all(-1)
-    for row, (count, contiguous) in enumerate(zip(counts.tolist(), left_padded.tolist())):
-        if contiguous:  # the fast path: slices, no copies
-            start = kv_length - count
-            first_query = max(0, start - (kv_length - q_length))
-            queries = slice(first_query, q_length)
-            keys = slice(start, kv_length)
-        else:
-            keys = real[row].nonzero().squeeze(-1)
-            queries = real[row, kv_length - q_length :].nonzero().squeeze(-1)
-        q = query[row : row + 1, :, queries]
-        k, v = key[row : row + 1, :, keys], value[row : row + 1, :, keys]
-        if q.shape[2] == 0:
-            continue
-        mask = None
-        if attention_mask is not None and 1 < q.shape[2] < k.shape[2]:
-            mask = attention_mask[row : row + 1, :, queries][..., keys]
-        output[row, queries] = _attend(q, k, v, mask, dropout, scaling, query_tile).transpose(0, 1)
-    return output, None
-
-
-def _attend(q, k, v, mask, dropout, scaling, query_tile):
-    """One row's attention, (heads, queries, dim): its queries are its last real positions.
-
-    With `query_tile`, queries go in tiles that start at multiples of it in the row's own
-    positions, each over the keys up to its last query: then a query's numbers depend neither on
-    how a prompt was cut into prefill chunks (chunks starting on tile multiples) nor on the
-    other queries of the call. SDPA's sums shift with both otherwise.
-    """
-    queries, keys = q.shape[2], k.shape[2]
-    first = keys - queries  # the row's position of the first query
-    bounds = [(first, keys)]
-    if query_tile is not None:
-        starts = [first] + list(range((first // query_tile + 1) * query_tile, keys, query_tile))
-        bounds = list(zip(starts, starts[1:] + [keys]))
+    calls, full = _row_plan(attention_mask, batch, q_length, key.shape[2], key.device, query_tile)
+    gqa = heads != key.shape[1]
     attended = []
-    for start, end in bounds:
-        tile_q = q[:, :, start - first : end - first]
-        tile_mask = None
-        if 1 < end - start < end:  # queries after earlier keys: is_causal would align them top-left
-            if mask is None:
-                tile_mask = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
-            else:
-                tile_mask = mask[:, :, start - first : end - first, :end]
-        attended.append(
+    for call in calls:
+        row = call.row
+        q = query[row : row + 1, :, call.queries]
+        k, v = key[row : row + 1, :, call.keys], value[row : row + 1, :, call.keys]
+        pieces = [
             F.scaled_dot_product_attention(
-                tile_q,
-                k[:, :, :end],
-                v[:, :, :end],
-                attn_mask=tile_mask,
+                q if tile is None else q[:, :, tile],
+                k if end is None else k[:, :, :end],
+                v if end is None else v[:, :, :end],
+                attn_mask=mask,
                 dropout_p=dropout,
-                is_causal=tile_mask is None and end - start > 1,
+                is_causal=causal,
                 scale=scaling,
-                enable_gqa=q.shape[1] != k.shape[1],
-            )[0]
-        )
-    return torch.cat(attended, dim=1) if len(attended) > 1 else attended[0]
+                enable_gqa=gqa,
+            )
+            for tile, end, mask, causal in call.tiles
+        ]
+        attended.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])  # (1, heads, queries, dim)
+    if full:  # every row real throughout (decoding): no zeros to fill
+        return torch.cat(attended).transpose(1, 2).contiguous(), None
+    output = query.new_zeros(batch, q_length, heads, value.shape[-1])
+    for call, rows_output in zip(calls, attended):
+        output[call.row, call.queries] = rows_output[0].transpose(0, 1)
+    return output, None
 
 
 def tiled_row_attention_forward(*args, **kwargs):
@@ -229,9 +287,11 @@ def rotary_from_table(model: nn.Module):
 @contextmanager
 def generation_numerics(model: nn.Module, batch_invariant: bool):
     """How `decode_steps` and the server's scheduler run each forward: always row by row in
-    attention; with `batch_invariant`, attention in fixed query tiles, matrix products on fixed
-    row tiles and rotary angles from one table too."""
+    attention and off cuDNN's kernels (see `qvera.serving.attention_kernels`); with
+    `batch_invariant`, attention in fixed query tiles, matrix products on fixed row tiles and
+    rotary angles from one table too."""
     with (
+        without_cudnn_attention(),
         row_attention(model, query_tiles=batch_invariant),
         FixedRowTiles() if batch_invariant else nullcontext(),
         rotary_from_table(model) if batch_invariant else nullcontext(),

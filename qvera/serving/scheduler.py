@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qvera.serving.attention_kernels import without_cudnn_attention
 from qvera.serving.generation import Sampling, end_token_ids
 from qvera.serving.invariance import QUERY_TILE, generation_numerics
 from qvera.serving.kv_rows import CacheRows
@@ -274,10 +275,11 @@ class Scheduler:
 
     @contextmanager
     def _numerics(self, vectors):
-        """Each row with its own adapter's vectors and, with `batch_invariant`, the attention and
+        """Each row with its own adapter's vectors, attention off cuDNN's per-shape plans
+        (`qvera.serving.attention_kernels`) and, with `batch_invariant`, the attention and
         products that keep its numbers its own (see `qvera.serving.invariance`)."""
         invariant = generation_numerics(self.model, batch_invariant=True) if self.batch_invariant else nullcontext()
-        with self.store.bank.rows(vectors), invariant:
+        with self.store.bank.rows(vectors), without_cudnn_attention(), invariant:
             yield
 
     def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import RANK, logits, randomize_vectors, tiny_llama_config
 from peft import PeftModel, get_peft_model
 from peft import VeraConfig as PeftVeraConfig
@@ -22,6 +23,7 @@ from qvera.core.base import FALLBACK_CHAT_TEMPLATE
 from qvera.core.bnb import is_4bit
 from qvera.core.hardware import detect
 from qvera.core.random_base import byte_tokenizer
+from qvera.serving.generation import Sampling, generate
 from qvera.training.run import train
 from tests.serving.test_generation import ROW_ADAPTERS, assert_rows_match_alone, model_with_bank
 from tests.serving.test_scheduler import assert_batch_invariant_replies, two_adapter_store
@@ -259,3 +261,23 @@ def test_merged_folder_matches_the_adapted_model_on_cuda(bf16_dir, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda()
     rounding = (ours - exact).abs().max()
     assert (tiny_logits(merged, tokenizer) - ours).abs().max() <= 3 * rounding
+
+
+def cuda_kernel_names(run) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run()
+        torch.cuda.synchronize()
+    return [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def test_generation_runs_no_cudnn_attention_kernel(bf16_dir, record_property):
+    """Torch prefers cuDNN's attention on Hopper and Blackwell, which builds a plan for every new
+    key length; decoding must not reach it (qvera.serving.attention_kernels)."""
+    model, tokenizer = cuda_base(bf16_dir)
+    query = torch.randn(1, 4, 7, 16, device="cuda", dtype=torch.bfloat16)
+    plain = cuda_kernel_names(lambda: F.scaled_dot_product_attention(query, query, query, is_causal=True))
+    record_property("torch_picks_cudnn_attention_here", any("cudnn" in name.lower() for name in plain))
+    conversations = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Name three rivers."}]]
+    kernels = cuda_kernel_names(lambda: generate(model, tokenizer, conversations, sampling=Sampling(0.0, 1.0, 4)))
+    assert kernels and not [name for name in kernels if "cudnn" in name.lower()]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # torch's own choice again afterwards

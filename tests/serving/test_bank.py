@@ -2,6 +2,7 @@
 
 import copy
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,7 @@ def test_serving_benchmark_reports_speeds_and_sizes(tiny_llama_dir, tmp_path):
         "3",
         "--repeats",
         "1",
+        "--compare-cudnn",
     ]
     result = subprocess.run(
         [sys.executable, str(script), *args, "--json", str(tmp_path / "r.json")],
@@ -140,15 +142,24 @@ def test_serving_benchmark_reports_speeds_and_sizes(tiny_llama_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     speed = report["decode_tokens_per_s"]
-    assert set(speed) == {"mixed", "single", "loop"} and all(v > 0 for v in speed.values())
+    assert set(speed) == {"mixed", "single", "loop", "loop_cudnn"} and all(v > 0 for v in speed.values())
     assert report["mixed_over_single"] == pytest.approx(speed["mixed"] / speed["single"])
+    assert report["loop_over_loop_cudnn"] == pytest.approx(speed["loop"] / speed["loop_cudnn"])
     # Tiny Llama: 2 layers of q, k, v, o, gate, up, down; b has each layer's output size.
     per_layer = 7 * 8 + 64 + 32 + 32 + 64 + 160 + 160 + 64
     assert report["bytes_per_resident_adapter"] == 4 * 2 * per_layer
     # Llama-2-7B: 32 layers; outputs 4096 (q, k, v, o, down) and 11008 (gate, up).
     llama = 4 * 32 * (7 * 8 + 5 * 4096 + 2 * 11008)
     assert report["llama2_7b"] == {"rank": 8, "bytes_per_adapter": llama, "adapters_per_GB": 10**9 // llama}
-    assert "mixed / single = " in result.stdout
+    assert "mixed / single = " in result.stdout and "loop without / with cuDNN attention = " in result.stdout
+
+
+def test_every_timed_run_of_the_serving_benchmark_meets_new_shapes():
+    """A kernel cache keyed on shapes must not serve one run from an earlier one."""
+    script = Path(__file__).parents[2] / "scripts" / "bench_serving.py"
+    fresh = runpy.run_path(str(script))["FreshShapes"]([[5, 6, 7], [8, 9]])
+    first, second = fresh(), fresh()
+    assert first == [[5, 5, 6, 7], [8, 8, 9]] and second == [[5, 5, 5, 6, 7], [8, 8, 8, 9]]
 
 
 def test_serving_benchmark_times_the_servers_batcher_in_both_modes(tiny_llama_dir, tmp_path):

@@ -3,6 +3,8 @@ import torch.nn.functional as F
 from transformers.masking_utils import sdpa_mask
 
 from qvera import ModelConfig, load_base
+from qvera.serving import invariance
+from qvera.serving.generation import Sampling, chat_prompt, decode_steps
 from qvera.serving.invariance import QUERY_TILE, rotary_from_table, row_attention_forward
 
 GENERATOR = torch.Generator().manual_seed(0)
@@ -93,3 +95,15 @@ def test_rotary_angles_come_from_one_table_inside_the_mode(tiny_llama_dir):
     torch.testing.assert_close(cos, usual_cos, atol=1e-3, rtol=0)
     torch.testing.assert_close(sin, usual_sin, atol=1e-3, rtol=0)
     assert "forward" not in rotary.__dict__ and rotary(x, positions)[0].dtype == torch.float16
+
+
+def test_a_forward_plans_its_rows_once_for_all_its_layers(tiny_llama_dir, monkeypatch):
+    """Reading the mask's row counts waits for the device: once a forward, not once a layer."""
+    model, tokenizer = load_base(ModelConfig(name=tiny_llama_dir, quantization="fp32"))
+    plans = []
+    plan_rows = invariance._plan_rows
+    monkeypatch.setattr(invariance, "_plan_rows", lambda *args: plans.append(args) or plan_rows(*args))
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi", "Name three rivers.")]
+    steps = list(decode_steps(model, prompts, [Sampling(0.0, 1.0, 3)] * 2, set(), tokenizer.pad_token_id))
+    assert model.config.num_hidden_layers == 2 and len(steps) == 3
+    assert len(plans) == 3  # the padded prefill and two decode steps, each planned once
