@@ -2,9 +2,9 @@
 # The GPU check in one command, offline: the `cuda` tests, a 20-step sft.py run on a random-weight
 # model of Llama-2-7B's shapes (NF4 on the GPU) with paged 8-bit AdamW, a checkpoint every 10
 # steps, then a resume; chat with the trained adapter; the many-adapter serving benchmark (one
-# mixed batch, one adapter at a time with and without cuDNN's attention, and the server's batcher
-# in both numerics modes); last a short GPU training benchmark at the same shapes. On one H100
-# the stages up to the serving benchmark took 4 minutes; the whole check is meant to fit in 8.
+# mixed batch, one adapter at a time with and without cuDNN's attention); a short GPU training
+# benchmark at the same shapes; last the server's batcher in both numerics modes. On one H100 the
+# stages up to the serving benchmark took 4 minutes; the whole check is meant to fit in 8.
 #
 #     bash scripts/gpu_check.sh OUT_DIR
 #
@@ -13,14 +13,14 @@
 # summary.md. Exits non-zero when any stage failed; later stages still run.
 # A preflight stops it at once, in one line, when there is no CUDA GPU, a package is missing, or
 # bitsandbytes or TRL's Triton kernels do not run on the GPU. Every stage ends by
-# GPU_CHECK_SECONDS (default 560) after the start, so the summary is written within a 10-minute
-# limit: the benchmark, last, keeps the rows it measured.
+# GPU_CHECK_SECONDS (default 470) after the start, so the whole check, summary included, ends
+# within 8 minutes: a benchmark stopped by it keeps the rows it measured.
 set -euo pipefail
 if [[ $# -ne 1 || -z $1 ]]; then
     echo "usage: bash scripts/gpu_check.sh OUT_DIR" >&2
     exit 2
 fi
-DEADLINE=$(($(date +%s) + ${GPU_CHECK_SECONDS:-560}))
+DEADLINE=$(($(date +%s) + ${GPU_CHECK_SECONDS:-470}))
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
@@ -121,13 +121,14 @@ stage chat "$OUT/chat.log" \
     --prompt "Name three rivers." --adapter none --prompt "Name three rivers."
 SERVING=("$PYTHON" scripts/bench_serving.py --model random:llama2-7b --adapters 32 --new-tokens 32 --repeats 2)
 stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 4 --compare-cudnn --json "$OUT/serving.json"
-stage serving_batcher "$OUT/serving_batcher.log" "${SERVING[@]}" --server --json "$OUT/serving_batcher.json"
 
 stage bench "$OUT/bench.log" \
     "$PYTHON" scripts/bench.py --device cuda --shape llama2-7b --repeats 2 --max-context 8 \
     --json "$OUT/bench.json" --markdown "$OUT/bench.md"
+# Last: the least needed (the batch-invariant mode's cost), so a slow GPU cuts it, not the benchmark.
+stage serving_batcher "$OUT/serving_batcher.log" "${SERVING[@]}" --server --json "$OUT/serving_batcher.json"
 
-NAMES="cuda_tests sft sft_resume chat serving serving_batcher bench"
+NAMES="cuda_tests sft sft_resume chat serving bench serving_batcher"
 STAGES=""
 for name in $NAMES; do
     STAGES+="$name ${STATUS[$name]} ${SECONDS_TAKEN[$name]};"
