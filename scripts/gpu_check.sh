@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The GPU check in one command, offline: the `cuda` tests, a 20-step sft.py run on a random-weight
 # model of Llama-2-7B's shapes (NF4 on the GPU) with paged 8-bit AdamW, a checkpoint every 10
-# steps, then a resume; chat with the trained adapter; the many-adapter serving benchmark (one
-# mixed batch, one adapter at a time with and without cuDNN's attention); a short GPU training
-# benchmark at the same shapes; last the server's batcher in both numerics modes. On one H100 the
-# stages up to the serving benchmark took 4 minutes; the whole check is meant to fit in 8.
+# steps, then a resume; chat with the trained adapter; what a new attention shape costs with and
+# without cuDNN's kernels (experiments/attention_new_shapes.py); the many-adapter serving
+# benchmark (one mixed batch, one adapter at a time with and without cuDNN's attention); a short
+# GPU training benchmark at the same shapes; last the server's batcher in both numerics modes.
+# On one H100 the stages up to the serving benchmark took 4 minutes; the whole check is meant to
+# fit in 8.
 #
 #     bash scripts/gpu_check.sh OUT_DIR
 #
 # Writes into OUT_DIR: cuda_tests.xml/.log, sft/ (+ sft.log, sft_resume.log), chat.log,
-# serving.json/.log, serving_batcher.json/.log, bench.json/.md/.log, summary.json and
-# summary.md. Exits non-zero when any stage failed; later stages still run.
+# attention_shapes.json/.log, serving.json/.log, serving_batcher.json/.log, bench.json/.md/.log,
+# summary.json and summary.md. Exits non-zero when any stage failed; later stages still run.
 # A preflight stops it at once, in one line, when there is no CUDA GPU, a package is missing, or
 # bitsandbytes or TRL's Triton kernels do not run on the GPU. Every stage ends by
 # GPU_CHECK_SECONDS (default 470) after the start, so the whole check, summary included, ends
@@ -119,6 +121,8 @@ stage sft_resume "$OUT/sft_resume.log" "${SFT[@]}" --max_steps 24 --resume true
 stage chat "$OUT/chat.log" \
     "$PYTHON" scripts/chat.py --model random:llama2-7b --adapter "$OUT/sft/adapter" --max-new-tokens 16 \
     --prompt "Name three rivers." --adapter none --prompt "Name three rivers."
+stage attention_shapes "$OUT/attention_shapes.log" \
+    "$PYTHON" experiments/attention_new_shapes.py --json "$OUT/attention_shapes.json"
 SERVING=("$PYTHON" scripts/bench_serving.py --model random:llama2-7b --adapters 32 --new-tokens 32 --repeats 2)
 stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 4 --compare-cudnn --json "$OUT/serving.json"
 
@@ -128,7 +132,7 @@ stage bench "$OUT/bench.log" \
 # Last: the least needed (the batch-invariant mode's cost), so a slow GPU cuts it, not the benchmark.
 stage serving_batcher "$OUT/serving_batcher.log" "${SERVING[@]}" --server --json "$OUT/serving_batcher.json"
 
-NAMES="cuda_tests sft sft_resume chat serving bench serving_batcher"
+NAMES="cuda_tests sft sft_resume chat attention_shapes serving bench serving_batcher"
 STAGES=""
 for name in $NAMES; do
     STAGES+="$name ${STATUS[$name]} ${SECONDS_TAKEN[$name]};"
@@ -157,6 +161,8 @@ for name in ("serving", "serving_batcher"):
     if (out / f"{name}.json").is_file():
         report = json.loads((out / f"{name}.json").read_text())
         summary[name] = {k: v for k, v in report.items() if k not in ("setting", "seconds")}
+if (out / "attention_shapes.json").is_file():
+    summary["attention_shapes"] = json.loads((out / "attention_shapes.json").read_text())["rows"]
 bench = out / "bench.json"
 if bench.is_file():
     report = json.loads(bench.read_text())
@@ -167,7 +173,7 @@ lines = [f"# GPU check on {summary['device']} (torch {summary['torch']})", "", "
 lines += [f"| {name} | {s['exit']} | {s['seconds']} |" for name, s in summary["stages"].items()]
 if "cuda_tests" in summary:
     lines += ["", "cuda tests: " + ", ".join(f"{k} {v}" for k, v in summary["cuda_tests"].items())]
-for name in ("serving", "serving_batcher"):
+for name in ("attention_shapes", "serving", "serving_batcher"):
     if name in summary:
         lines += ["", f"{name}: " + json.dumps(summary[name])]
 if (out / "bench.md").is_file():
