@@ -54,6 +54,12 @@ def generate_projections(rank: int, in_features: int, out_features: int, seed: i
     return A, B
 
 
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x.to(dtype)`, skipping the call when it would return `x` itself: a decode step makes
+    a few of these in every layer, and each costs host time even when it does nothing."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
     """The dtype the adapter math runs in: autocast's when it is on, else the input's."""
     device = x.device.type
@@ -106,7 +112,7 @@ class SharedProjections(nn.Module):
             ref, last_key, ax = self._last_input
             if ref() is x and last_key == key:
                 return ax
-        x_c = x.to(A.dtype)
+        x_c = cast(x, A.dtype)
         ax = ProjectDown.apply(x_c, A) if torch.is_grad_enabled() else F.linear(x_c, A)  # no autograd node to decode
         self._last_input = (weakref.ref(x, self._forgetter()), key, ax)
         return ax
@@ -161,7 +167,7 @@ class VeraDelta(torch.autograd.Function):
     @staticmethod
     def inference(ax, lambda_d, lambda_b, B):
         """The forward without an autograd node, for calls with gradients off (decoding)."""
-        return F.linear(ax * lambda_d.to(ax.dtype), B) * lambda_b.to(ax.dtype)
+        return F.linear(ax * cast(lambda_d, ax.dtype), B) * cast(lambda_b, ax.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -304,7 +310,7 @@ class VeraLinear(nn.Module):
         dtype = compute_dtype_for(x)
         A, B = projections.sliced(self.in_features, self.out_features, dtype)
         # The vectors are fp32 whatever a trainer did to them; the math below casts copies.
-        lambda_d, lambda_b = self.lambda_d.float(), self.lambda_b.float()
+        lambda_d, lambda_b = cast(self.lambda_d, torch.float32), cast(self.lambda_b, torch.float32)
         magnitude = self.lambda_m is not None and self.row_vectors is None
         if self.row_vectors is None and self._should_fold(x.numel() // x.shape[-1]):
             with autocast_off(x):
@@ -321,7 +327,7 @@ class VeraLinear(nn.Module):
                 return out if bias is None else out + bias.to(dtype)
         base = self.base_layer(x)  # exactly as without VeRA, under the caller's autocast
         with autocast_off(x):
-            ax = projections.project(x.to(dtype), A)
+            ax = projections.project(cast(x, dtype), A)
             scale = None
             if self.row_vectors is None:
                 delta = (VeraDelta.apply if torch.is_grad_enabled() else VeraDelta.inference)(ax, lambda_d, lambda_b, B)
@@ -329,8 +335,8 @@ class VeraLinear(nn.Module):
                     scale = self.lambda_m.float() / self.adapted_norms(lambda_d, lambda_b)
             else:
                 d_rows, b_rows, *scale_rows = self.row_vectors  # scale rows: magnitude layers only
-                delta = F.linear(ax * d_rows.to(dtype)[:, None, :], B) * b_rows.to(dtype)[:, None, :]
+                delta = F.linear(ax * cast(d_rows, dtype)[:, None, :], B) * cast(b_rows, dtype)[:, None, :]
                 if scale_rows:
                     scale = scale_rows[0][:, None, :]
-        out = base + delta.to(base.dtype)
+        out = base + cast(delta, base.dtype)
         return out if scale is None else self._rescaled(out, scale)
