@@ -19,8 +19,9 @@ the least disturbed by other load. Each run lengthens every prompt by one more t
 first, repeated), so no run meets shapes an earlier one saw: live traffic does not either,
 and a kernel cache keyed on shapes (cuDNN's attention plans on Hopper GPUs) would otherwise
 make a repeat look faster than serving is. `--compare-cudnn` also times the loop with
-cuDNN's attention allowed, as torch picks it (see `qvera.serving.attention_kernels`).
-Also printed: memory per resident adapter (vectors kept in the compute dtype, as the server
+cuDNN's attention allowed, as torch picks it (see `qvera.serving.attention_kernels`), and
+`--profile FILE` writes torch's profile of one batch-1 decode, operations by host time. Also
+printed: memory per resident adapter (vectors kept in the compute dtype, as the server
 keeps them), and how many Llama-2-7B adapters at the same rank and dtype fit in 1 GB (10^9
 bytes; sizes from a meta-device model).
 
@@ -111,6 +112,23 @@ def served_decode(model, tokenizer, store, prompts, names, new_tokens, batch_inv
     return stats.decode_seconds_total, stats.tokens - len(prompts)  # each prompt's first token comes from its prefill
 
 
+def decode_profile(model, tokenizer, prompt, new_tokens) -> str:
+    """Torch's profiler over one batch-1 decode (after a warm-up on the same shapes): the
+    operations by their own host time, which is what bounds a GPU at batch 1."""
+    timed_decode(model, tokenizer, [prompt], new_tokens, nullcontext())
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        prefill, decode = timed_decode(model, tokenizer, [prompt], new_tokens, nullcontext())
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    header = (
+        f"one batch-1 decode on {device}: prompt of {len(prompt)} tokens, {new_tokens} new; under the "
+        f"profiler {decode / (new_tokens - 1) * 1e3:.1f} ms a decode step\n"
+    )
+    return header + profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n"
+
+
 def bench_server(model, tokenizer, bank, names, prompts, args) -> None:
     """Default against batch-invariant mode on the server's batcher, alternating, best of repeats."""
     with tempfile.TemporaryDirectory() as folder:
@@ -162,6 +180,7 @@ def main() -> None:
     parser.add_argument(
         "--compare-cudnn", action="store_true", help="also time the loop with cuDNN attention allowed (GPU)"
     )
+    parser.add_argument("--profile", help="write where one batch-1 decode spends its time (torch's profiler) here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -271,6 +290,9 @@ def main() -> None:
         f"  Llama-2-7B, r={args.rank}: {llama_bytes:,} bytes per adapter, "
         f"{results['llama2_7b']['adapters_per_GB']} adapters per GB"
     )
+    if args.profile:
+        bank.activate(names[0])
+        Path(args.profile).write_text(decode_profile(model, tokenizer, fresh()[0], args.new_tokens))
     if args.json:
         staging = Path(f"{args.json}.tmp")
         staging.write_text(json.dumps(results, indent=2) + "\n")

@@ -3,16 +3,16 @@
 # model of Llama-2-7B's shapes (NF4 on the GPU) with paged 8-bit AdamW, a checkpoint every 10
 # steps, then a resume; chat with the trained adapter; what a new attention shape costs with and
 # without cuDNN's kernels (experiments/attention_new_shapes.py); the many-adapter serving
-# benchmark (one mixed batch, one adapter at a time with and without cuDNN's attention); a short
-# GPU training benchmark at the same shapes; last the server's batcher in both numerics modes.
-# On one H100 the stages up to the serving benchmark took 4 minutes; the whole check is meant to
-# fit in 8.
+# benchmark (one mixed batch, one adapter at a time with and without cuDNN's attention, and a
+# profile of one batch-1 decode); a short GPU training benchmark at the same shapes; last the
+# server's batcher in both numerics modes. On one H100 the stages up to the serving benchmark
+# took 4 minutes; the whole check is meant to fit in 8.
 #
 #     bash scripts/gpu_check.sh OUT_DIR
 #
 # Writes into OUT_DIR: cuda_tests.xml/.log, sft/ (+ sft.log, sft_resume.log), chat.log,
-# attention_shapes.json/.log, serving.json/.log, serving_batcher.json/.log, bench.json/.md/.log,
-# summary.json and summary.md. Exits non-zero when any stage failed; later stages still run.
+# attention_shapes.json/.log, serving.json/.log, decode_profile.txt, serving_batcher.json/.log,
+# bench.json/.md/.log, summary.json and summary.md. Exits non-zero when any stage failed; later stages still run.
 # A preflight stops it at once, in one line, when there is no CUDA GPU, a package is missing, or
 # bitsandbytes or TRL's Triton kernels do not run on the GPU. Every stage ends by
 # GPU_CHECK_SECONDS (default 470) after the start, so the whole check, summary included, ends
@@ -124,7 +124,8 @@ stage chat "$OUT/chat.log" \
 stage attention_shapes "$OUT/attention_shapes.log" \
     "$PYTHON" experiments/attention_new_shapes.py --json "$OUT/attention_shapes.json"
 SERVING=("$PYTHON" scripts/bench_serving.py --model random:llama2-7b --adapters 32 --new-tokens 32 --repeats 2)
-stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 4 --compare-cudnn --json "$OUT/serving.json"
+stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 4 --compare-cudnn \
+    --profile "$OUT/decode_profile.txt" --json "$OUT/serving.json"
 
 stage bench "$OUT/bench.log" \
     "$PYTHON" scripts/bench.py --device cuda --shape llama2-7b --repeats 2 --max-context 8 \

@@ -132,6 +132,8 @@ def test_serving_benchmark_reports_speeds_and_sizes(tiny_llama_dir, tmp_path):
         "--repeats",
         "1",
         "--compare-cudnn",
+        "--profile",
+        str(tmp_path / "profile.txt"),
     ]
     result = subprocess.run(
         [sys.executable, str(script), *args, "--json", str(tmp_path / "r.json")],
@@ -152,6 +154,8 @@ def test_serving_benchmark_reports_speeds_and_sizes(tiny_llama_dir, tmp_path):
     llama = 4 * 32 * (7 * 8 + 5 * 4096 + 2 * 11008)
     assert report["llama2_7b"] == {"rank": 8, "bytes_per_adapter": llama, "adapters_per_GB": 10**9 // llama}
     assert "mixed / single = " in result.stdout and "loop without / with cuDNN attention = " in result.stdout
+    profile = (tmp_path / "profile.txt").read_text()
+    assert profile.startswith("one batch-1 decode on CPU: prompt of ") and "Self CPU" in profile
 
 
 def test_every_timed_run_of_the_serving_benchmark_meets_new_shapes():
