@@ -22,6 +22,7 @@ from qvera.adapters.loading import attach_adapter
 from qvera.core.attach import vera_layers
 from qvera.serving.bank import AdapterBank
 from qvera.serving.invariance import generation_numerics
+from qvera.serving.last_logits import fold_last_position
 
 
 @dataclass
@@ -118,6 +119,7 @@ def decode_steps(
     `batch_invariant` the matrix products run on fixed row tiles too, and a row's logits are
     bit for bit those of the same prompt alone, in every dtype (see `qvera.serving.invariance`)."""
     assert len(prompts) == len(sampling) and prompts and all(prompts), "one non-empty prompt per sampling"
+    fold_last_position(model)
     device = model.get_input_embeddings().weight.device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

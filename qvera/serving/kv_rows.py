@@ -14,12 +14,15 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from qvera.serving.last_logits import fold_last_position
+
 
 class CacheRows:
     """Rows of one DynamicCache; `forward` feeds each row its next chunk of tokens."""
 
     def __init__(self, model: nn.Module, pad_id: int):
         self.model, self.pad_id = model, pad_id
+        fold_last_position(model)
         self.device = model.get_input_embeddings().weight.device
         self.cache = DynamicCache(config=model.config)
         if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
