@@ -9,7 +9,9 @@ local port, and measures two phases against it:
   interleaved; client 0 opens with a long prompt (`--long-prompt-tokens`).
 
 Reports p50/p95 time to first token (TTFT) and per-token latency, tokens/s, errors by status,
-and the server's RSS before the load (after a warm-up round at full concurrency) and after.
+and the server's RSS before the load (after a warm-up round at full concurrency) and after,
+each read once the server is idle again (it hands its free heap back then; the reading the
+moment the load ended is reported too).
 Targets (exit status 1 when missed): no 5xx; p95 of (TTFT minus the request's own prefill,
 as the server reports it) under 3 decode
 steps (the server's median decode step under load); RSS growth under 5%; every hang-up
@@ -276,13 +278,14 @@ def measure(args, port: int, server: subprocess.Popen) -> dict:
     ]
     baseline_summary = summarize(baseline, time.monotonic() - start)
     run_load(client, args, time.monotonic() + args.time_limit, requests=2)  # warm-up at full concurrency
-    rss_before = psutil.Process(server.pid).memory_info().rss
+    rss_before = idle_rss(port, server)
     before = metrics(port)
     start = time.monotonic()
     load = run_load(client, args, start + args.time_limit, args.requests)
     load_summary = summarize(load, time.monotonic() - start)
     after = metrics(port)
-    rss_after = psutil.Process(server.pid).memory_info().rss
+    rss_at_once = psutil.Process(server.pid).memory_info().rss
+    rss_after = idle_rss(port, server)
     # The mean decode step of the load phase alone (the baseline's steps are of batch 1).
     steps = after["qvera_decode_steps_total"] - before["qvera_decode_steps_total"]
     step = (after["qvera_decode_seconds_total"] - before["qvera_decode_seconds_total"]) / steps
@@ -296,6 +299,7 @@ def measure(args, port: int, server: subprocess.Popen) -> dict:
             "decode_step_mean_s": step,
             "rss_before_mb": rss_before / 2**20,
             "rss_after_mb": rss_after / 2**20,
+            "rss_the_moment_the_load_ended_mb": rss_at_once / 2**20,
             "hang_ups": hang_ups,
             "cancelled": cancelled,
         },
@@ -308,6 +312,20 @@ def measure(args, port: int, server: subprocess.Popen) -> dict:
             "every_hang_up_cancelled": cancelled >= hang_ups,
         },
     }
+
+
+def idle_rss(port: int, server: subprocess.Popen, seconds: float = 60) -> int:
+    """The server's resident size once it has no request left and has had a moment to hand its
+    free heap back (it does when it goes idle): read earlier, the size still counts the last
+    steps' buffers, and growth measured that way says more about timing than about leaks."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        load = metrics(port)
+        if not any(load[f"qvera_requests_{name}"] for name in ("waiting", "prefilling", "running")):
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    return psutil.Process(server.pid).memory_info().rss
 
 
 def wait_until_healthy(port: int, server: subprocess.Popen, seconds: float = 600) -> None:
