@@ -120,7 +120,7 @@ def decode_profile(model, tokenizer, prompt, new_tokens) -> str:
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profile:
-        prefill, decode = timed_decode(model, tokenizer, [prompt], new_tokens, nullcontext())
+        _, decode = timed_decode(model, tokenizer, [prompt], new_tokens, nullcontext())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     header = (
         f"one batch-1 decode on {device}: prompt of {len(prompt)} tokens, {new_tokens} new; under the "

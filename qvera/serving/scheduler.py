@@ -29,7 +29,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -277,9 +277,11 @@ class Scheduler:
     def _numerics(self, vectors):
         """Each row with its own adapter's vectors, attention off cuDNN's per-shape plans
         (`qvera.serving.attention_kernels`) and, with `batch_invariant`, the attention and
-        products that keep its numbers its own (see `qvera.serving.invariance`)."""
-        invariant = generation_numerics(self.model, batch_invariant=True) if self.batch_invariant else nullcontext()
-        with self.store.bank.rows(vectors), without_cudnn_attention(), invariant:
+        products that keep its numbers its own (`generation_numerics`, which includes the former)."""
+        numerics = (
+            generation_numerics(self.model, batch_invariant=True) if self.batch_invariant else without_cudnn_attention()
+        )
+        with self.store.bank.rows(vectors), numerics:
             yield
 
     def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
