@@ -12,7 +12,8 @@
 #
 # Writes into OUT_DIR: cuda_tests.xml/.log, sft/ (+ sft.log, sft_resume.log), chat.log,
 # attention_shapes.json/.log, serving.json/.log, decode_profile.txt, serving_batcher.json/.log,
-# bench.json/.md/.log, summary.json and summary.md. Exits non-zero when any stage failed; later stages still run.
+# bench.json/.md/.log, summary.json and summary.md. Exits non-zero when any stage failed; later
+# stages still run.
 # A preflight stops it at once, in one line, when there is no CUDA GPU, a package is missing, or
 # bitsandbytes or TRL's Triton kernels do not run on the GPU. Every stage ends by
 # GPU_CHECK_SECONDS (default 470) after the start, so the whole check, summary included, ends
