@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The GPU check in one command, offline: the `cuda` tests, a 20-step sft.py run on a random-weight
 # model of Llama-2-7B's shapes (NF4 on the GPU) with paged 8-bit AdamW, a checkpoint every 10
-# steps, then a resume; chat with the trained adapter; what a new attention shape costs with and
-# without cuDNN's kernels (experiments/attention_new_shapes.py); the many-adapter serving
-# benchmark (one mixed batch, one adapter at a time with and without cuDNN's attention, and a
-# profile of one batch-1 decode); a short GPU training benchmark at the same shapes; last the
-# server's batcher in both numerics modes. On one H100 the stages up to the serving benchmark
-# took 4 minutes; the whole check is meant to fit in 8.
+# steps, then a resume; chat with the trained adapter; a short GPU training benchmark at the same
+# shapes and a profile of one training step (where qvera's time goes against LoRA's); what a new
+# attention shape costs with and without cuDNN's kernels (experiments/attention_new_shapes.py);
+# the many-adapter serving benchmark (one mixed batch, one adapter at a time with and without
+# cuDNN's attention, a profile of one batch-1 decode); last the server's batcher in both numerics
+# modes. The stages run most needed first, so a slow GPU cuts the least needed. The whole check
+# is meant to fit in 8 minutes on one H100-class GPU.
 #
 #     bash scripts/gpu_check.sh OUT_DIR
 #
 # Writes into OUT_DIR: cuda_tests.xml/.log, sft/ (+ sft.log, sft_resume.log), chat.log,
 # attention_shapes.json/.log, serving.json/.log, decode_profile.txt, serving_batcher.json/.log,
-# bench.json/.md/.log, summary.json and summary.md. Exits non-zero when any stage failed; later
-# stages still run.
+# bench.json/.md/.log, train_profile.json/.log, summary.json and summary.md. Exits non-zero when
+# any stage failed; later stages still run.
 # A preflight stops it at once, in one line, when there is no CUDA GPU, a package is missing, or
 # bitsandbytes or TRL's Triton kernels do not run on the GPU. Every stage ends by
 # GPU_CHECK_SECONDS (default 470) after the start, so the whole check, summary included, ends
@@ -122,19 +123,22 @@ stage sft_resume "$OUT/sft_resume.log" "${SFT[@]}" --max_steps 24 --resume true
 stage chat "$OUT/chat.log" \
     "$PYTHON" scripts/chat.py --model random:llama2-7b --adapter "$OUT/sft/adapter" --max-new-tokens 16 \
     --prompt "Name three rivers." --adapter none --prompt "Name three rivers."
+stage bench "$OUT/bench.log" \
+    "$PYTHON" scripts/bench.py --device cuda --shape llama2-7b --repeats 2 --max-context 8 \
+    --json "$OUT/bench.json" --markdown "$OUT/bench.md"
+stage train_profile "$OUT/train_profile.log" \
+    "$PYTHON" experiments/train_step_profile.py --variants qvera:512 peft-lora:64 peft-vera:512 \
+    --json "$OUT/train_profile.json"
 stage attention_shapes "$OUT/attention_shapes.log" \
     "$PYTHON" experiments/attention_new_shapes.py --json "$OUT/attention_shapes.json"
 SERVING=("$PYTHON" scripts/bench_serving.py --model random:llama2-7b --adapters 32 --new-tokens 32 --repeats 2)
 stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 4 --compare-cudnn \
     --profile "$OUT/decode_profile.txt" --json "$OUT/serving.json"
 
-stage bench "$OUT/bench.log" \
-    "$PYTHON" scripts/bench.py --device cuda --shape llama2-7b --repeats 2 --max-context 8 \
-    --json "$OUT/bench.json" --markdown "$OUT/bench.md"
-# Last: the least needed (the batch-invariant mode's cost), so a slow GPU cuts it, not the benchmark.
+# Last: the least needed (the batch-invariant mode's cost).
 stage serving_batcher "$OUT/serving_batcher.log" "${SERVING[@]}" --server --json "$OUT/serving_batcher.json"
 
-NAMES="cuda_tests sft sft_resume chat attention_shapes serving bench serving_batcher"
+NAMES="cuda_tests sft sft_resume chat bench train_profile attention_shapes serving serving_batcher"
 STAGES=""
 for name in $NAMES; do
     STAGES+="$name ${STATUS[$name]} ${SECONDS_TAKEN[$name]};"
@@ -165,6 +169,11 @@ for name in ("serving", "serving_batcher"):
         summary[name] = {k: v for k, v in report.items() if k not in ("setting", "seconds")}
 if (out / "attention_shapes.json").is_file():
     summary["attention_shapes"] = json.loads((out / "attention_shapes.json").read_text())["rows"]
+if (out / "train_profile.json").is_file():
+    summary["train_profile"] = [
+        {k: row[k] for k in ("variant", "step_ms", "kernel_ms", "by_kind_ms")}
+        for row in json.loads((out / "train_profile.json").read_text())["rows"]
+    ]
 bench = out / "bench.json"
 if bench.is_file():
     report = json.loads(bench.read_text())
@@ -175,7 +184,7 @@ lines = [f"# GPU check on {summary['device']} (torch {summary['torch']})", "", "
 lines += [f"| {name} | {s['exit']} | {s['seconds']} |" for name, s in summary["stages"].items()]
 if "cuda_tests" in summary:
     lines += ["", "cuda tests: " + ", ".join(f"{k} {v}" for k, v in summary["cuda_tests"].items())]
-for name in ("attention_shapes", "serving", "serving_batcher"):
+for name in ("attention_shapes", "serving", "train_profile", "serving_batcher"):
     if name in summary:
         lines += ["", f"{name}: " + json.dumps(summary[name])]
 if (out / "bench.md").is_file():

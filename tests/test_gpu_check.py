@@ -51,11 +51,11 @@ def test_stages_past_the_time_limit_are_stopped_and_the_summary_still_written(tm
         name: int(code) for name, code, _seconds in (s.split() for s in stages.read_text().split(";") if s.strip())
     }
     # sft failed; its resume ran into the limit and was stopped; the stages after it had no time left.
-    late = ("chat", "attention_shapes", "serving", "bench", "serving_batcher")
+    late = ("chat", "attention_shapes", "serving", "bench", "train_profile", "serving_batcher")
     assert codes == {"cuda_tests": 0, "sft": 3, "sft_resume": 124} | dict.fromkeys(late, 124)
     assert "time limit" in (tmp_path / "out" / "sft_resume.log").read_text()
     assert all("not run" in (tmp_path / "out" / f"{name}.log").read_text() for name in late)
     ran = calls.read_text().splitlines()
     assert ran[0] == "-" and "pytest -m cuda tests/cuda" in ran[1] and ran[-1].startswith("- ")
-    later = ("bench.py", "chat.py", "bench_serving.py", "attention_new_shapes.py")
+    later = ("bench.py", "chat.py", "bench_serving.py", "attention_new_shapes.py", "train_step_profile.py")
     assert not any(script in line for line in ran for script in later)

@@ -1,10 +1,12 @@
-"""The two host-side benchmarks run and report every setting they promise (timings are not
+"""The host-side benchmarks and the training-step profile run and report every setting they promise
 asserted: those live in BENCHMARKS.md)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,3 +43,29 @@ def test_decode_host_time_reports_every_measure():
     values = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1]) for line in out.splitlines()[1:]}
     assert len(values) == 9 and all(v > 0 for v in values.values())
     assert "qvera mixed, 32 rows (ms a step)" in values and "row attention, 32 rows (us a layer)" in values
+
+
+def test_train_step_profile_splits_a_step_by_kind_for_each_variant(tmp_path):
+    out = run(
+        "train_step_profile.py",
+        "--shape",
+        "tiny",
+        "--variants",
+        "qvera:32",
+        "peft-lora:8",
+        "--seq",
+        "32",
+        "--repeats",
+        "1",
+        "--top",
+        "3",
+        "--json",
+        str(tmp_path / "p.json"),
+    )
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["qvera:32", "peft-lora:8"]
+    for row in rows:
+        assert row["step_ms"] > 0 and len(row["top_ms"]) == 3
+        assert sum(row["by_kind_ms"].values()) == pytest.approx(row["kernel_ms"], abs=0.05)
+        assert row["by_kind_ms"]["matmul"] > 0  # the products are found by name
+    assert "qvera:32:" in out and "peft-lora:8:" in out
