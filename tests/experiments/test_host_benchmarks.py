@@ -1,5 +1,5 @@
-"""The host-side benchmarks and the training-step profile run and report every setting they promise
-asserted: those live in BENCHMARKS.md)."""
+"""The host-side benchmarks and the training-step profile run and report every setting they
+promise (timings are not asserted: those live in BENCHMARKS.md)."""
 
 import json
 import subprocess
