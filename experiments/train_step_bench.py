@@ -41,14 +41,22 @@ def build(shape: str, variant: str, compute_dtype: str, device: str, alone: bool
     return model, method, rank
 
 
-class Stepper:
-    """One optimizer step on batch x seq random tokens, the way sft.py takes it."""
+OPTIMIZERS = {
+    "paged_adamw_8bit": lambda params: bnb.optim.PagedAdamW8bit(params, lr=1e-4),
+    "adamw_torch_fused": lambda params: torch.optim.AdamW(params, lr=1e-4, fused=True),
+    "adamw_torch": lambda params: torch.optim.AdamW(params, lr=1e-4),
+}
 
-    def __init__(self, model, method: str, device: str):
+
+class Stepper:
+    """One optimizer step on batch x seq random tokens, the way sft.py takes it. `optimizer`:
+    a name in OPTIMIZERS; by default paged 8-bit AdamW on a GPU, AdamW on a CPU."""
+
+    def __init__(self, model, method: str, device: str, optimizer: str | None = None):
         self.model, self.method, self.device = model, method, torch.device(device)
         self.params = [p for p in model.parameters() if p.requires_grad] if method != "floor" else []
-        optimizer = bnb.optim.PagedAdamW8bit if self.device.type == "cuda" else torch.optim.AdamW
-        self.optimizer = optimizer(self.params, lr=1e-4) if self.params else None
+        optimizer = optimizer or ("paged_adamw_8bit" if self.device.type == "cuda" else "adamw_torch")
+        self.optimizer = OPTIMIZERS[optimizer](self.params) if self.params else None
         self.dtype = model.get_input_embeddings().weight.dtype
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 

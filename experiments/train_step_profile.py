@@ -46,7 +46,9 @@ def profile_step(step: Stepper, batch: int, seq: int, top: int) -> dict:
     wanted = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     by_kind, by_name, count = defaultdict(float), defaultdict(float), 0
     for event in profile.events():
-        if event.device_type != wanted:
+        # Skip ranges such as "Optimizer.step#...": on the GPU timeline they span the kernels
+        # they hold, which would count twice.
+        if event.device_type != wanted or event.is_user_annotation:
             continue
         micros = (
             event.time_range.elapsed_us() if cuda else event.self_cpu_time_total

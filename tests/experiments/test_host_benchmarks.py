@@ -69,3 +69,33 @@ def test_train_step_profile_splits_a_step_by_kind_for_each_variant(tmp_path):
         assert sum(row["by_kind_ms"].values()) == pytest.approx(row["kernel_ms"], abs=0.05)
         assert row["by_kind_ms"]["matmul"] > 0  # the products are found by name
     assert "qvera:32:" in out and "peft-lora:8:" in out
+
+
+def test_train_step_options_times_every_setting_fixed_and_varying(tmp_path):
+    out = run(
+        "train_step_options.py",
+        "--shape",
+        "tiny",
+        "--setting",
+        "qvera:32",
+        "adamw_torch/torch",
+        "--setting",
+        "qvera:32",
+        "adamw_torch_fused/no-cudnn",
+        "--seq",
+        "32",
+        "--short",
+        "24",
+        "--rounds",
+        "2",
+        "--json",
+        str(tmp_path / "o.json"),
+    )
+    rows = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert [(row["setting"], row["mode"]) for row in rows] == [
+        (s, m) for s in ("adamw_torch/torch", "adamw_torch_fused/no-cudnn") for m in ("fixed", "varying")
+    ]
+    assert all(row["ms"] > 0 for row in rows)
+    fixed = [row for row in rows if row["mode"] == "fixed"]
+    assert all(row["tokens_per_s"] == pytest.approx(32 / row["ms"] * 1e3, rel=0.01) for row in fixed)
+    assert out.count("qvera:32") == 4
