@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qvera.serving.attention_kernels import without_cudnn_attention
+from qvera.core.attention_kernels import without_cudnn_attention
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,6 +1,8 @@
 """Training steps on a random-weight base of a real model's shape (`random:llama2-7b`), as sft.py
 runs them: NF4 base, gradient checkpointing, autocast in the compute dtype, the loss from TRL's
-fused LM head (no full logits over the sequence), paged 8-bit AdamW on a GPU. Per variant:
+fused LM head (no full logits over the sequence), attention off cuDNN's kernels. The optimizer is
+each method's usual one: qvera's default fused AdamW (transformers' default too), and QLoRA's
+paged 8-bit AdamW for peft's adapters on a GPU (fused AdamW on a CPU). Per variant:
 tokens/s and peak allocated and reserved GPU memory; and the longest batch-1 sequence that
 trains under each memory cap. Used by `scripts/bench.py --device cuda`; runs on a CPU too
 (no memory figures there), which is how it is tested without a GPU.
@@ -11,12 +13,14 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from contextlib import nullcontext
 
 import bitsandbytes as bnb
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
 from experiments.profiling import attach_variant
+from qvera.core.attention_kernels import without_cudnn_attention
 from qvera.core.base import load_base
 from qvera.core.config import ModelConfig
 
@@ -48,24 +52,34 @@ OPTIMIZERS = {
 }
 
 
-class Stepper:
-    """One optimizer step on batch x seq random tokens, the way sft.py takes it. `optimizer`:
-    a name in OPTIMIZERS; by default paged 8-bit AdamW on a GPU, AdamW on a CPU."""
+def default_optimizer(method: str, device: str) -> str:
+    """qvera's default (sft.py's `auto`); QLoRA's paged 8-bit AdamW for peft on a GPU."""
+    return (
+        "paged_adamw_8bit" if method.startswith("peft") and torch.device(device).type == "cuda" else "adamw_torch_fused"
+    )
 
-    def __init__(self, model, method: str, device: str, optimizer: str | None = None):
+
+class Stepper:
+    """One optimizer step on batch x seq random tokens, the way sft.py takes it. `optimizer`: a
+    name in OPTIMIZERS (default: `default_optimizer`); `cudnn_attention`: leave torch's kernel
+    order (sft.py keeps attention off cuDNN)."""
+
+    def __init__(self, model, method: str, device: str, optimizer: str | None = None, cudnn_attention=False):
         self.model, self.method, self.device = model, method, torch.device(device)
         self.params = [p for p in model.parameters() if p.requires_grad] if method != "floor" else []
-        optimizer = optimizer or ("paged_adamw_8bit" if self.device.type == "cuda" else "adamw_torch")
-        self.optimizer = OPTIMIZERS[optimizer](self.params) if self.params else None
+        self.optimizer_name = optimizer or default_optimizer(method, device)
+        self.optimizer = OPTIMIZERS[self.optimizer_name](self.params) if self.params else None
+        self.attention = nullcontext if cudnn_attention else without_cudnn_attention
         self.dtype = model.get_input_embeddings().weight.dtype
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     def __call__(self, batch: int, seq: int) -> None:
         ids = torch.randint(0, self.model.config.vocab_size, (batch, seq), device=self.device, generator=self.generator)
         autocast = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
-            loss = self.model(input_ids=ids, labels=ids, fused_lm_head=True).loss
-        loss.backward()
+        with self.attention():
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+                loss = self.model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+            loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -118,6 +132,7 @@ def measure(shape: str, variant: str, batch: int, seq: int, repeats: int, comput
         peak_allocated_gb=round(torch.cuda.max_memory_allocated() / GB, 3) if cuda else None,
         peak_reserved_gb=round(torch.cuda.max_memory_reserved() / GB, 3) if cuda else None,
         trainable=sum(p.numel() for p in step.params),
+        optimizer=step.optimizer_name if step.params else None,
     )
     del model, step
     release()
@@ -230,14 +245,15 @@ def ratios(rows: list[dict]) -> dict:
 def markdown(rows: list[dict], contexts: list[dict], summary: dict) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     lines = [
-        "| variant | rank | batch x seq | s/step | tokens/s | tokens/s in turn | peak allocated GB "
+        "| variant | rank | optimizer | batch x seq | s/step | tokens/s | tokens/s in turn | peak allocated GB "
         "| peak reserved GB | trainable |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         in_turn = r.get("interleaved_tokens_per_s")
         lines.append(
-            f"| {r['variant']} | {r['rank'] or '-'} | {r['batch']} x {r['seq']} | {r['step_s']:.3f} "
+            f"| {r['variant']} | {r['rank'] or '-'} | {r.get('optimizer') or '-'} | {r['batch']} x {r['seq']} "
+            f"| {r['step_s']:.3f} "
             f"| {r['tokens_per_s']:.0f} | {'-' if in_turn is None else f'{in_turn:.0f}'} "
             f"| {fmt(r['peak_allocated_gb'])} | {fmt(r['peak_reserved_gb'])} | {r['trainable']:,} |"
         )

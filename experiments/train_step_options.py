@@ -22,15 +22,13 @@ import itertools
 import json
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from experiments.train_step_bench import Stepper, build, release
-from qvera.serving.attention_kernels import without_cudnn_attention
 
-ATTENTION = {"torch": nullcontext, "no-cudnn": without_cudnn_attention}
+ATTENTION = {"torch": True, "no-cudnn": False}  # -> Stepper's cudnn_attention
 DEFAULT_SETTINGS = {  # variant -> "optimizer/attention" settings timed for it
     "qvera:512": ["paged_adamw_8bit/torch", "paged_adamw_8bit/no-cudnn", "adamw_torch_fused/no-cudnn"],
     "peft-lora:64": ["paged_adamw_8bit/torch", "paged_adamw_8bit/no-cudnn"],
@@ -63,24 +61,20 @@ def main(argv=None) -> None:
         if variant not in models:
             models[variant] = build(args.shape, variant, args.compute_dtype, device, alone=not models)
         model, method, _ = models[variant]
-        steppers[variant, setting] = (Stepper(model, method, device, optimizer), ATTENTION[attention])
+        steppers[variant, setting] = Stepper(model, method, device, optimizer, cudnn_attention=ATTENTION[attention])
     keys = list(steppers)
     lengths = itertools.count(args.short, -1)  # a length no step before had
     times = {(key, mode): [] for key in keys for mode in ("fixed", "varying")}
     for key in keys:  # warm-up: kernels chosen, optimizer state made, the fixed shape's plans built
-        step, attention = steppers[key]
-        with attention():
-            step(1, args.seq)
+        steppers[key](1, args.seq)
     for round_ in range(args.rounds):
         shift = round_ % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            step, attention = steppers[key]
             for mode in ("fixed", "varying"):
                 seq = args.seq if mode == "fixed" else next(lengths)
-                with attention():
-                    start = time.perf_counter()
-                    step(1, seq)
-                    times[key, mode].append((time.perf_counter() - start, seq))
+                start = time.perf_counter()
+                steppers[key](1, seq)
+                times[key, mode].append((time.perf_counter() - start, seq))
     rows = []
     for (variant, setting), mode in times:
         samples = times[(variant, setting), mode]

@@ -19,7 +19,7 @@ the least disturbed by other load. Each run lengthens every prompt by one more t
 first, repeated), so no run meets shapes an earlier one saw: live traffic does not either,
 and a kernel cache keyed on shapes (cuDNN's attention plans on Hopper GPUs) would otherwise
 make a repeat look faster than serving is. `--compare-cudnn` also times the loop with
-cuDNN's attention allowed, as torch picks it (see `qvera.serving.attention_kernels`), and
+cuDNN's attention allowed, as torch picks it (see `qvera.core.attention_kernels`), and
 `--profile FILE` writes torch's profile of one batch-1 decode, operations by host time. Also
 printed: memory per resident adapter (vectors kept in the compute dtype, as the server
 keeps them), and how many Llama-2-7B adapters at the same rank and dtype fit in 1 GB (10^9
@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ liv
 from experiments.profiling import llama2_7b_adapter_size
 from qvera.adapters import save_adapter
 from qvera.core.attach import vector_state
-from qvera.serving.attention_kernels import ALLOW_CUDNN_VARIABLE
+from qvera.core.attention_kernels import ALLOW_CUDNN_VARIABLE
 from qvera.serving.bank import AdapterBank
 from qvera.serving.generation import Sampling, chat_prompt, decode_steps
 from qvera.serving.scheduler import Job, Scheduler

@@ -90,7 +90,11 @@ def test_train_step_bench_runs_each_kind_of_variant_on_a_cpu(monkeypatch, tmp_pa
     rows[2]["rank"] = rows[3]["rank"] = 512  # as the GPU run names them
     summary = train_step_bench.ratios(rows)
     assert summary["qvera512_over_peft_vera512"] > 0 and summary["qvera512_over_lora64"] is None
-    assert "| qvera | 512 | 1 x 32 |" in train_step_bench.markdown(rows, [], summary)
+    # Each method's usual optimizer: qvera's default, and fused AdamW for peft on a CPU too.
+    assert [r["optimizer"] for r in rows] == [None] + ["adamw_torch_fused"] * 3
+    assert train_step_bench.default_optimizer("peft-lora", "cuda") == "paged_adamw_8bit"
+    assert train_step_bench.default_optimizer("qvera", "cuda") == "adamw_torch_fused"
+    assert "| qvera | 512 | adamw_torch_fused | 1 x 32 |" in train_step_bench.markdown(rows, [], summary)
 
 
 def test_bench_refuses_bad_flags_in_one_line():
@@ -182,7 +186,7 @@ def test_gpu_bench_keeps_the_rows_measured_before_a_failure(monkeypatch, tmp_pat
         bench_cuda(args, "python scripts/bench.py --device cuda")
     report = json.loads(args.json.read_text())
     assert report["device"] == "a GPU" and [r["variant"] for r in report["rows"]] == ["floor"]
-    assert "| floor | - | 1 x 8 |" in args.markdown.read_text()
+    assert "| floor | - | - | 1 x 8 |" in args.markdown.read_text()
 
 
 def test_gpu_bench_falls_back_when_the_variants_do_not_fit_at_once(monkeypatch, tmp_path, capsys):

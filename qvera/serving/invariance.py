@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from qvera.serving.attention_kernels import without_cudnn_attention
+from qvera.core.attention_kernels import without_cudnn_attention
 
 ROW_ATTENTION = "qvera_row_sdpa"
 TILED_ROW_ATTENTION = "qvera_row_sdpa_tiled"
@@ -287,7 +287,7 @@ def rotary_from_table(model: nn.Module):
 @contextmanager
 def generation_numerics(model: nn.Module, batch_invariant: bool):
     """How `decode_steps` and the server's scheduler run each forward: always row by row in
-    attention and off cuDNN's kernels (see `qvera.serving.attention_kernels`); with
+    attention and off cuDNN's kernels (see `qvera.core.attention_kernels`); with
     `batch_invariant`, attention in fixed query tiles, matrix products on fixed row tiles and
     rotary angles from one table too."""
     with (

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qvera.serving.attention_kernels import without_cudnn_attention
+from qvera.core.attention_kernels import without_cudnn_attention
 from qvera.serving.generation import Sampling, end_token_ids
 from qvera.serving.invariance import QUERY_TILE, generation_numerics
 from qvera.serving.kv_rows import CacheRows
@@ -276,7 +276,7 @@ class Scheduler:
     @contextmanager
     def _numerics(self, vectors):
         """Each row with its own adapter's vectors, attention off cuDNN's per-shape plans
-        (`qvera.serving.attention_kernels`) and, with `batch_invariant`, the attention and
+        (`qvera.core.attention_kernels`) and, with `batch_invariant`, the attention and
         products that keep its numbers its own (`generation_numerics`, which includes the former)."""
         numerics = (
             generation_numerics(self.model, batch_invariant=True) if self.batch_invariant else without_cudnn_attention()

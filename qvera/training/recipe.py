@@ -67,7 +67,7 @@ class TrainConfig:
     warmup_steps: float = option(0.03, "warmup steps; below 1, a fraction of all steps")
     lr_scheduler: str = option("cosine", "transformers scheduler name")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    optimizer: str = option("auto", "auto (paged 8-bit AdamW on GPU, AdamW on CPU) or a transformers optim name")
+    optimizer: str = option("auto", "auto (fused AdamW) or a transformers optim name (paged_adamw_8bit, ...)")
     gradient_checkpointing: bool = option(True, "recompute activations to save memory")
     logging_steps: int = option(10, "steps between log lines")
     eval_steps: int = option(50, "steps between evaluations (0: only at the end)")

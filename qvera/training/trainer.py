@@ -9,6 +9,11 @@ What qvera changes in the trainer, and why:
 - Checkpoints hold the vectors only (plus the optimizer, scheduler, RNG and trainer state
   that Trainer writes), never the 4-bit base; each appears by one rename, so a run killed at
   any moment (kill -9) resumes from its last complete checkpoint.
+- Attention runs without cuDNN's kernels, which build a plan for each new sequence length
+  (`qvera.core.attention_kernels`).
+- The default optimizer is fused AdamW, also on a GPU: VeRA's optimizer state is a few MB, so
+  paged 8-bit AdamW (QLoRA's choice for its large matrices) saves nothing worth its cost, one
+  update per vector tensor (hundreds), about a sixth of a 7B step on an H200 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from qvera.core.attach import (
     load_vector_state,
     vector_state,
 )
+from qvera.core.attention_kernels import without_cudnn_attention
 from qvera.core.hardware import compute_dtype
 from qvera.training.recipe import SFTRecipe
 
@@ -53,6 +59,14 @@ class VeraSFTTrainer(SFTTrainer):
             for name, param in model.named_parameters():
                 if name in initial:
                     param.data = initial[name].to(param.device)
+
+    def train(self, *args, **kwargs):
+        with without_cudnn_attention():
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with without_cudnn_attention():
+            return super().evaluate(*args, **kwargs)
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer class and settings (paged 8-bit AdamW included), with one parameter
@@ -166,7 +180,7 @@ def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
     dtype = compute_dtype(recipe.model.compute_dtype)
     optimizer = train.optimizer
     if optimizer == "auto":
-        optimizer = "paged_adamw_8bit" if cuda else "adamw_torch"
+        optimizer = "adamw_torch_fused"
     evaluate = has_eval and train.eval_steps > 0
     return SFTConfig(
         output_dir=train.output_dir,

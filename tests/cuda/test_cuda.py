@@ -191,17 +191,18 @@ def test_gradients_flow_through_4bit_layers_with_checkpointing(bf16_dir):
     assert all(layer.lambda_b.grad is not None and layer.lambda_b.grad.abs().sum() > 0 for layer in layers.values())
 
 
+@pytest.mark.parametrize("optimizer", ["auto", "paged_adamw_8bit"])
 @pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
-def test_training_loss_falls_with_paged_8bit_adamw(bf16_dir, tmp_path, compute_dtype):
-    """sft's path on the GPU: paged 8-bit AdamW, gradient checkpointing, checkpoint and resume;
-    fp16 runs with loss scaling and fp32 vectors."""
+def test_training_loss_falls_on_cuda(bf16_dir, tmp_path, compute_dtype, optimizer):
+    """sft's path on the GPU: its default fused AdamW and paged 8-bit AdamW, gradient
+    checkpointing, checkpoint and resume; fp16 runs with loss scaling and fp32 vectors."""
     if compute_dtype == "bfloat16" and not detect("cuda").cuda_bf16:
         pytest.skip("this GPU has no bf16")
     recipe = tiny_recipe(bf16_dir, tmp_path, max_steps=12, save_steps=6, eval_steps=0, gradient_checkpointing=True)
-    recipe.model.compute_dtype = compute_dtype
+    recipe.model.compute_dtype, recipe.train.optimizer = compute_dtype, optimizer
     result, trainer = train(recipe, log=lambda *a: None)
     args = trainer.args
-    assert args.optim == "paged_adamw_8bit" and (args.fp16, args.bf16) == (
+    assert args.optim == {"auto": "adamw_torch_fused"}.get(optimizer, optimizer) and (args.fp16, args.bf16) == (
         compute_dtype == "float16",
         compute_dtype == "bfloat16",
     )
@@ -272,7 +273,7 @@ def cuda_kernel_names(run) -> list[str]:
 
 def test_generation_runs_no_cudnn_attention_kernel(bf16_dir, record_property):
     """Torch prefers cuDNN's attention on Hopper and Blackwell, which builds a plan for every new
-    key length; decoding must not reach it (qvera.serving.attention_kernels)."""
+    key length; decoding must not reach it (qvera.core.attention_kernels)."""
     model, tokenizer = cuda_base(bf16_dir)
     query = torch.randn(1, 4, 7, 16, device="cuda", dtype=torch.bfloat16)
     plain = cuda_kernel_names(lambda: F.scaled_dot_product_attention(query, query, query, is_causal=True))

@@ -63,12 +63,14 @@ def test_defaults_are_the_quality_studys_best_rates(tiny_llama_dir, tmp_path):
     )
 
 
-@pytest.mark.parametrize("optimizer", ["adamw_torch", "paged_adamw_8bit"])
+@pytest.mark.parametrize("optimizer", ["auto", "adamw_torch", "paged_adamw_8bit"])
 def test_each_vector_kind_gets_its_own_rate_in_the_optimizer_trainer_picks(tiny_llama_dir, tmp_path, optimizer):
     trainer, _ = build_trainer(recipe(tiny_llama_dir, tmp_path, optimizer=optimizer), log=lambda _: None)
     created = trainer.create_optimizer()
     if optimizer == "paged_adamw_8bit":
         assert isinstance(created, bnb.optim.optimizer.Optimizer8bit)
+    if optimizer == "auto":  # one fused update for all the vectors, whatever the device
+        assert isinstance(created, torch.optim.AdamW) and created.defaults["fused"]
     lr_of = {id(p): group["lr"] for group in created.param_groups for p in group["params"]}
     layers = vera_layers(trainer.model)
     assert len(lr_of) == 3 * len(layers)

@@ -108,6 +108,17 @@ def test_trainer_keeps_the_vectors_fp32_and_their_small_updates(tiny_llama_dir, 
     assert step.max() > 5e-6 and step.max() < 2e-5, "a 1e-5 Adam step must move d by about 1e-5"
 
 
+def test_training_and_evaluation_run_attention_without_cudnn(tiny_llama_dir, tmp_path):
+    """cuDNN's attention builds a plan for each new sequence length (qvera.core.attention_kernels)."""
+    trainer, _ = build_trainer(tiny_recipe(tiny_llama_dir, tmp_path, max_steps=2, save_steps=0), log=quiet)
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    trainer.train()
+    trainer.evaluate()
+    assert len(seen) >= 3 and not any(seen)  # two training steps, an evaluation each step and one more
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_an_evaluation_pass_leaves_training_gradients_unchanged(tiny_llama_dir):
     """bitsandbytes would repack 4-bit CPU weights in place at the first no-grad eval forward
     (lossy, and without autograd); periodic evaluation must leave training's gradients as
@@ -222,9 +233,9 @@ def test_bad_setups_fail_before_the_model_loads(tiny_llama_dir, tmp_path, monkey
     assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "run").exists()  # only what it created
 
 
-def test_cpu_defaults_pick_plain_adamw_and_no_bf16_autocast(tiny_llama_dir, tmp_path):
+def test_cpu_defaults_pick_fused_adamw_and_no_bf16_autocast(tiny_llama_dir, tmp_path):
     args = trainer_arguments(tiny_recipe(tiny_llama_dir, tmp_path), has_eval=True)
-    assert args.optim == "adamw_torch" and not args.bf16 and args.use_cpu
+    assert args.optim == "adamw_torch_fused" and not args.bf16 and args.use_cpu
     assert args.eval_strategy == "steps" and args.ddp_broadcast_buffers is False
 
 
