@@ -108,6 +108,18 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
+def median_step_seconds(step: Stepper, batch: int, seq: int, repeats: int, warmups: int = 1) -> float:
+    """Median seconds of `repeats` steps after `warmups` (kernels chosen, optimizer state made)."""
+    for _ in range(warmups):
+        step(batch, seq)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(batch, seq)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure(shape: str, variant: str, batch: int, seq: int, repeats: int, compute_dtype: str, device: str) -> dict:
     """tokens/s (median of `repeats` steps after one warm-up) and peak memory, with the optimizer's state."""
     model, method, rank = build(shape, variant, compute_dtype, device)
@@ -115,13 +127,7 @@ def measure(shape: str, variant: str, batch: int, seq: int, repeats: int, comput
     cuda = step.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step(batch, seq)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(batch, seq)
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    step_s = median_step_seconds(step, batch, seq, repeats)
     row = dict(
         variant=method,
         rank=rank,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.train_step_bench import Stepper, build, release
+from experiments.train_step_bench import Stepper, build, median_step_seconds, release
 
 KINDS = (  # first match wins; kernel names as CUDA libraries and bitsandbytes spell them
     ("dequantize", ("dequantize", "kdequant")),
@@ -68,14 +67,8 @@ def profile_step(step: Stepper, batch: int, seq: int, top: int) -> dict:
 def measure(shape: str, variant: str, batch: int, seq: int, repeats: int, compute_dtype: str, device: str, top: int):
     model, method, rank = build(shape, variant, compute_dtype, device)
     step = Stepper(model, method, device)
-    for _ in range(2):  # kernels chosen, optimizer state made
-        step(batch, seq)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(batch, seq)
-        times.append(time.perf_counter() - start)
-    row = dict(variant=variant, step_ms=round(statistics.median(times) * 1e3, 2), **profile_step(step, batch, seq, top))
+    step_s = median_step_seconds(step, batch, seq, repeats, warmups=2)
+    row = dict(variant=variant, step_ms=round(step_s * 1e3, 2), **profile_step(step, batch, seq, top))
     del model, step
     release()
     return row

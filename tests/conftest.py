@@ -81,3 +81,12 @@ def logits(model, tokenizer):
     batch = tokenizer(["The quick brown fox", "VeRA adapters are"], return_tensors="pt", padding=True)
     with torch.no_grad():
         return model(**batch).logits.float()
+
+
+@pytest.fixture
+def cudnn_attention_default():
+    """A test that flips torch's process-wide cuDNN-attention switch starts from torch's default
+    (allowed) and leaves it so, whatever it asserted."""
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(True)

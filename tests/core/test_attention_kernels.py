@@ -12,12 +12,7 @@ def cudnn_on() -> bool:
     return torch.backends.cuda.cudnn_sdp_enabled()
 
 
-@pytest.fixture(autouse=True)
-def cudnn_enabled_before():
-    """Every test starts with torch's default (cuDNN attention allowed) and leaves it so."""
-    assert cudnn_on()
-    yield
-    torch.backends.cuda.enable_cudnn_sdp(True)
+pytestmark = pytest.mark.usefixtures("cudnn_attention_default")
 
 
 def test_cudnn_attention_is_off_inside_and_back_after():

@@ -46,22 +46,8 @@ def test_decode_host_time_reports_every_measure():
 
 
 def test_train_step_profile_splits_a_step_by_kind_for_each_variant(tmp_path):
-    out = run(
-        "train_step_profile.py",
-        "--shape",
-        "tiny",
-        "--variants",
-        "qvera:32",
-        "peft-lora:8",
-        "--seq",
-        "32",
-        "--repeats",
-        "1",
-        "--top",
-        "3",
-        "--json",
-        str(tmp_path / "p.json"),
-    )
+    args = "--shape tiny --variants qvera:32 peft-lora:8 --seq 32 --repeats 1 --top 3".split()
+    out = run("train_step_profile.py", *args, "--json", str(tmp_path / "p.json"))
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [row["variant"] for row in rows] == ["qvera:32", "peft-lora:8"]
     for row in rows:
@@ -72,25 +58,9 @@ def test_train_step_profile_splits_a_step_by_kind_for_each_variant(tmp_path):
 
 
 def test_train_step_options_times_every_setting_fixed_and_varying(tmp_path):
-    out = run(
-        "train_step_options.py",
-        "--shape",
-        "tiny",
-        "--setting",
-        "qvera:32",
-        "adamw_torch/torch",
-        "--setting",
-        "qvera:32",
-        "adamw_torch_fused/no-cudnn",
-        "--seq",
-        "32",
-        "--short",
-        "24",
-        "--rounds",
-        "2",
-        "--json",
-        str(tmp_path / "o.json"),
-    )
+    settings = ["--setting", "qvera:32", "adamw_torch/torch", "--setting", "qvera:32", "adamw_torch_fused/no-cudnn"]
+    args = "--shape tiny --seq 32 --short 24 --rounds 2".split()
+    out = run("train_step_options.py", *settings, *args, "--json", str(tmp_path / "o.json"))
     rows = json.loads((tmp_path / "o.json").read_text())["rows"]
     assert [(row["setting"], row["mode"]) for row in rows] == [
         (s, m) for s in ("adamw_torch/torch", "adamw_torch_fused/no-cudnn") for m in ("fixed", "varying")

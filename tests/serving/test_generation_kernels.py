@@ -15,11 +15,7 @@ def cudnn_on() -> bool:
     return torch.backends.cuda.cudnn_sdp_enabled()
 
 
-@pytest.fixture(autouse=True)
-def cudnn_enabled_before():
-    assert cudnn_on()
-    yield
-    torch.backends.cuda.enable_cudnn_sdp(True)
+pytestmark = pytest.mark.usefixtures("cudnn_attention_default")
 
 
 def record_cudnn_switch(model) -> list[bool]:

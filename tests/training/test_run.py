@@ -108,7 +108,7 @@ def test_trainer_keeps_the_vectors_fp32_and_their_small_updates(tiny_llama_dir, 
     assert step.max() > 5e-6 and step.max() < 2e-5, "a 1e-5 Adam step must move d by about 1e-5"
 
 
-def test_training_and_evaluation_run_attention_without_cudnn(tiny_llama_dir, tmp_path):
+def test_training_and_evaluation_run_attention_without_cudnn(tiny_llama_dir, tmp_path, cudnn_attention_default):
     """cuDNN's attention builds a plan for each new sequence length (qvera.core.attention_kernels)."""
     trainer, _ = build_trainer(tiny_recipe(tiny_llama_dir, tmp_path, max_steps=2, save_steps=0), log=quiet)
     seen = []
