@@ -21,12 +21,15 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from experiments.train_step_bench import Stepper, build, release
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+
+from experiments.train_step_bench import Stepper, build, release  # noqa: E402
 
 ATTENTION = {"torch": True, "no-cudnn": False}  # -> Stepper's cudnn_attention
 DEFAULT_SETTINGS = {  # variant -> "optimizer/attention" settings timed for it

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from experiments.train_step_bench import Stepper, build, median_step_seconds, release
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+
+from experiments.train_step_bench import Stepper, build, median_step_seconds, release  # noqa: E402
 
 KINDS = (  # first match wins; kernel names as CUDA libraries and bitsandbytes spell them
     ("dequantize", ("dequantize", "kdequant")),
