@@ -13,7 +13,7 @@ What qvera changes in the trainer, and why:
   (`qvera.core.attention_kernels`).
 - The default optimizer is fused AdamW, also on a GPU: VeRA's optimizer state is a few MB, so
   paged 8-bit AdamW (QLoRA's choice for its large matrices) saves nothing worth its cost, one
-  update per vector tensor (hundreds), about a sixth of a 7B step on an H200 (BENCHMARKS.md).
+  update per vector tensor (hundreds), about a fifth of a 7B step on an H200 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
