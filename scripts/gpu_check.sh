@@ -16,7 +16,8 @@
 # Writes into OUT_DIR: cuda_tests.xml/.log, sft/ (+ sft.log, sft_resume.log), chat.log,
 # attention_shapes.json/.log, serving.json/.log, decode_profile.txt, serving_batcher.json/.log,
 # bench.json/.md/.log, train_profile.json/.log, summary.json and summary.md. Exits non-zero when
-# any stage failed; later stages still run.
+# any stage failed, or a required one (cuda tests, sft, resume, chat, bench) was stopped by the
+# time limit; later stages still run.
 # A preflight stops it at once, in one line, when there is no CUDA GPU, a package is missing, or
 # bitsandbytes or TRL's Triton kernels do not run on the GPU. Every stage ends by
 # GPU_CHECK_SECONDS (default 470) after the start, so the whole check, summary included, ends
@@ -197,6 +198,15 @@ if (out / "bench.md").is_file():
 print("\n".join(lines))
 PY
 
+# A failed stage fails the check; so does a required one the time limit stopped. An extra
+# measurement the limit stopped on a slower GPU is only reported (its log says so).
+REQUIRED="cuda_tests sft sft_resume chat bench"
 for name in $NAMES; do
-    [[ ${STATUS[$name]} -eq 0 ]] || exit 1
+    code=${STATUS[$name]}
+    if [[ $code -ne 0 && ($code -ne 124 || " $REQUIRED " == *" $name "*) ]]; then
+        exit 1
+    fi
+done
+for name in $NAMES; do
+    [[ ${STATUS[$name]} -eq 0 ]] || echo "gpu_check: $name was stopped by the time limit; the required stages passed" >&2
 done
