@@ -23,6 +23,7 @@ from experiments.profiling import attach_variant
 from qvera.core.attention_kernels import without_cudnn_attention
 from qvera.core.base import load_base
 from qvera.core.config import ModelConfig
+from qvera.training.trainer import AUTO_OPTIMIZER
 
 VARIANTS = ["floor", "peft-lora:16", "peft-lora:64", "peft-vera:512", "qvera:512", "qvera:1024", "qvera-dvora:512"]
 CONTEXT_VARIANTS = ["qvera:512", "peft-lora:16"]
@@ -45,7 +46,7 @@ def build(shape: str, variant: str, compute_dtype: str, device: str, alone: bool
     return model, method, rank
 
 
-OPTIMIZERS = {
+OPTIMIZERS = {  # by transformers' names, as sft.py's `--optimizer` takes them
     "paged_adamw_8bit": lambda params: bnb.optim.PagedAdamW8bit(params, lr=1e-4),
     "adamw_torch_fused": lambda params: torch.optim.AdamW(params, lr=1e-4, fused=True),
     "adamw_torch": lambda params: torch.optim.AdamW(params, lr=1e-4),
@@ -54,9 +55,7 @@ OPTIMIZERS = {
 
 def default_optimizer(method: str, device: str) -> str:
     """qvera's default (sft.py's `auto`); QLoRA's paged 8-bit AdamW for peft on a GPU."""
-    return (
-        "paged_adamw_8bit" if method.startswith("peft") and torch.device(device).type == "cuda" else "adamw_torch_fused"
-    )
+    return "paged_adamw_8bit" if method.startswith("peft") and torch.device(device).type == "cuda" else AUTO_OPTIMIZER
 
 
 class Stepper:

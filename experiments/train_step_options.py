@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
-from experiments.train_step_bench import Stepper, build, release  # noqa: E402
+from experiments.train_step_bench import OPTIMIZERS, Stepper, build, release  # noqa: E402
 
 ATTENTION = {"torch": True, "no-cudnn": False}  # -> Stepper's cudnn_attention
 DEFAULT_SETTINGS = {  # variant -> "optimizer/attention" settings timed for it
@@ -56,11 +56,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     settings = args.setting or [(v, s) for v, ss in DEFAULT_SETTINGS.items() for s in ss]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    for variant, setting in settings:  # all checked before minutes go into building models
+        optimizer, _, attention = setting.partition("/")
+        if optimizer not in OPTIMIZERS or attention not in ATTENTION:
+            parser.error(
+                f"setting {setting!r} for {variant}: use OPTIMIZER/ATTENTION with an optimizer in "
+                f"{sorted(OPTIMIZERS)} and an attention in {sorted(ATTENTION)}"
+            )
     models, steppers = {}, {}
     for variant, setting in settings:
         optimizer, _, attention = setting.partition("/")
-        if attention not in ATTENTION:
-            parser.error(f"attention {attention!r} is not one of {sorted(ATTENTION)}")
         if variant not in models:
             models[variant] = build(args.shape, variant, args.compute_dtype, device, alone=not models)
         model, method, _ = models[variant]

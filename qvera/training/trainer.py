@@ -39,6 +39,7 @@ from qvera.core.hardware import compute_dtype
 from qvera.training.recipe import SFTRecipe
 
 CHECKPOINT_VECTORS = "vectors.safetensors"
+AUTO_OPTIMIZER = "adamw_torch_fused"  # what `optimizer: auto` trains with (see the module docstring)
 STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into the output folder
 
 
@@ -180,7 +181,7 @@ def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
     dtype = compute_dtype(recipe.model.compute_dtype)
     optimizer = train.optimizer
     if optimizer == "auto":
-        optimizer = "adamw_torch_fused"
+        optimizer = AUTO_OPTIMIZER
     evaluate = has_eval and train.eval_steps > 0
     return SFTConfig(
         output_dir=train.output_dir,

@@ -69,3 +69,15 @@ def test_train_step_options_times_every_setting_fixed_and_varying(tmp_path):
     fixed = [row for row in rows if row["mode"] == "fixed"]
     assert all(row["tokens_per_s"] == pytest.approx(32 / row["ms"] * 1e3, rel=0.01) for row in fixed)
     assert out.count("qvera:32") == 4
+
+
+def test_train_step_options_refuses_an_unknown_setting_before_building_anything():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "train_step_options.py"), "--setting", "qvera:32", "adam/torch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "setting 'adam/torch' for qvera:32: use OPTIMIZER/ATTENTION with an optimizer in" in result.stderr
+    assert "'paged_adamw_8bit'" in result.stderr and "'no-cudnn'" in result.stderr
