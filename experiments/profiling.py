@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft import VeraConfig as PeftVeraConfig
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig
 
@@ -46,6 +48,24 @@ def count_saved_tensors():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield result
+
+
+NO_KERNEL = ("aten::_unsafe_view", "aten::detach", "aten::lift_fresh", "aten::empty")  # metadata or allocation only
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the operators that reach a kernel, by name: on a GPU each is a launch, and a
+    step that issues many small ones waits on the host. Views and aliases launch nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not (func.is_view or func._schema.name in NO_KERNEL):
+            self.counts[func.overloadpacket.__name__] += 1
+        return out
 
 
 def count_flops(step) -> int:

@@ -153,29 +153,38 @@ def _vector_grads(grad_out, ax, lambda_d, lambda_b, B):
     return lambda_b @ BM, BM @ lambda_d
 
 
-class VeraDelta(torch.autograd.Function):
-    """b * (B (d * A x)) from a precomputed `A x`. Used when a call has few tokens, where
-    saving the out-sized `B (d * A x)` is cheap and spares the backward a matmul."""
+class AddVeraDelta(torch.autograd.Function):
+    """base + b * (B (d * A x)) from the base layer's output and a precomputed `A x`. Used when a
+    call has few tokens, where saving the out-sized `B (d * A x)` is cheap and spares the
+    backward a matmul. The vectors are cast to the compute dtype once, and the casts saved for
+    the backward: on a GPU the step is bound by how many kernels it issues, not their size."""
 
     @staticmethod
-    def forward(ctx, ax, lambda_d, lambda_b, B):
-        ctx.B = B
-        v = F.linear(ax * lambda_d.to(ax.dtype), B)
-        ctx.save_for_backward(ax, v, lambda_d, lambda_b)
-        return v * lambda_b.to(ax.dtype)
+    def forward(ctx, base, ax, lambda_d, lambda_b, B):
+        d, b = cast(lambda_d, ax.dtype), cast(lambda_b, ax.dtype)
+        v = F.linear(ax * d, B)
+        ctx.B, ctx.vector_dtype = B, lambda_d.dtype
+        ctx.save_for_backward(ax, v, d, b)
+        return add_scaled(base, v, b)
 
     @staticmethod
-    def inference(ax, lambda_d, lambda_b, B):
+    def inference(base, ax, lambda_d, lambda_b, B):
         """The forward without an autograd node, for calls with gradients off (decoding)."""
-        return F.linear(ax * cast(lambda_d, ax.dtype), B) * cast(lambda_b, ax.dtype)
+        return add_scaled(base, F.linear(ax * cast(lambda_d, ax.dtype), B), cast(lambda_b, ax.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        ax, v, lambda_d, lambda_b = ctx.saved_tensors
-        grad_u = (grad_out * lambda_b.to(grad_out.dtype)) @ ctx.B
-        grad_d = _token_sum(grad_u * ax, lambda_d.dtype)
-        grad_b = _token_sum(grad_out * v, lambda_b.dtype)
-        return grad_u * lambda_d.to(grad_u.dtype), grad_d, grad_b, None
+        ax, v, d, b = ctx.saved_tensors
+        grad_u = (cast(grad_out, b.dtype) * b) @ ctx.B
+        grad_d = _token_sum(grad_u * ax, ctx.vector_dtype)
+        grad_b = _token_sum(grad_out * v, ctx.vector_dtype)
+        return grad_out, grad_u * d, grad_d, grad_b, None
+
+
+def add_scaled(base: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """base + v * b in base's dtype as one addcmul: one kernel and one rounding, not two. Every
+    path adds VeRA's output this way (training, decoding, mixed batches), so they agree bit for bit."""
+    return torch.addcmul(base, cast(v, base.dtype), cast(b, base.dtype))
 
 
 def _token_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -330,13 +339,14 @@ class VeraLinear(nn.Module):
             ax = projections.project(cast(x, dtype), A)
             scale = None
             if self.row_vectors is None:
-                delta = (VeraDelta.apply if torch.is_grad_enabled() else VeraDelta.inference)(ax, lambda_d, lambda_b, B)
+                add_vera = AddVeraDelta.apply if torch.is_grad_enabled() else AddVeraDelta.inference
+                out = add_vera(base, ax, lambda_d, lambda_b, B)
                 if magnitude:
                     scale = self.lambda_m.float() / self.adapted_norms(lambda_d, lambda_b)
             else:
                 d_rows, b_rows, *scale_rows = self.row_vectors  # scale rows: magnitude layers only
-                delta = F.linear(ax * cast(d_rows, dtype)[:, None, :], B) * cast(b_rows, dtype)[:, None, :]
+                v = F.linear(ax * cast(d_rows, dtype)[:, None, :], B)
+                out = add_scaled(base, v, cast(b_rows, dtype)[:, None, :])
                 if scale_rows:
                     scale = scale_rows[0][:, None, :]
-        out = base + cast(delta, base.dtype)
         return out if scale is None else self._rescaled(out, scale)

@@ -4,11 +4,13 @@ import pytest
 import torch
 from peft.tuners.vera.model import _kaiming_init
 
+from experiments.profiling import OperatorCount
 from qvera.core.vera import (
+    AddVeraDelta,
     FoldedVeraLinear,
     SharedProjections,
-    VeraDelta,
     VeraLinear,
+    add_scaled,
     delta_weight,
     generate_projections,
 )
@@ -31,16 +33,17 @@ def reference_delta(x, A, B, d, b):
 def test_vera_delta_matches_autograd_reference():
     torch.manual_seed(0)
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(3, 5, 10, dtype=torch.float64, requires_grad=True)
     A, B = torch.randn(8, 12, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
     d = torch.randn(8, dtype=torch.float64, requires_grad=True)
     b = torch.randn(10, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(3, 5, 10, dtype=torch.float64)
 
-    expected = reference_delta(x, A, B, d, b)
-    expected_grads = torch.autograd.grad(expected, (x, d, b), grad_out)
+    expected = base + reference_delta(x, A, B, d, b)
+    expected_grads = torch.autograd.grad(expected, (base, x, d, b), grad_out)
     ax = x @ A.t()
-    got = VeraDelta.apply(ax, d, b, B)
-    got_grads = torch.autograd.grad(got, (x, d, b), grad_out)
+    got = AddVeraDelta.apply(base, ax, d, b, B)
+    got_grads = torch.autograd.grad(got, (base, x, d, b), grad_out)
     torch.testing.assert_close(got, expected)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g, e)
@@ -98,3 +101,34 @@ def test_a_layer_without_gradients_gives_the_same_numbers(autocast):
             without = layer(x)
     assert with_grad.grad_fn is not None and without.grad_fn is None
     assert torch.equal(with_grad, without)
+
+
+def test_the_layer_adds_its_output_with_one_rounding():
+    """base + b ⊙ v rounds once in bf16, as if summed in fp32, not twice (product, then sum)."""
+    torch.manual_seed(3)
+    base, v = torch.randn(4, 64, dtype=torch.bfloat16), torch.randn(4, 64, dtype=torch.bfloat16)
+    b = torch.randn(64, dtype=torch.bfloat16)
+    once = (base.float() + v.float() * b.float()).to(torch.bfloat16)
+    assert torch.equal(add_scaled(base, v, b), once)
+    assert not torch.equal(base + v * b, once)  # the two-rounding sum differs, so the check can tell
+
+
+def test_an_unfolded_training_call_issues_few_operators_beyond_its_base_layer():
+    """On a GPU a 7B step is bound by the kernels it launches (BENCHMARKS.md), so VeRA's count per
+    layer is held: forward, cast d and b, d ⊙ Ax, B(·), the addcmul, and `A x` itself (shared by
+    q/k/v in a model); backward, g ⊙ b, its product by B, two products and two token sums for the
+    vectors' gradients, the product by d, `A x`'s input gradient, and the sum of x's two gradients."""
+    torch.manual_seed(4)
+    base_layer = torch.nn.Linear(24, 20, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = VeraLinear(base_layer, SharedProjections(16, 24, 20, seed=0), 0.1, fold=False)
+    x = torch.randn(2, 3, 24, dtype=torch.bfloat16, requires_grad=True)
+
+    def operators(module):
+        module(x).sum().backward()  # the first call casts A and B once, for good
+        x.grad = None
+        module.zero_grad(set_to_none=True)  # as the trainer leaves them between steps
+        with OperatorCount() as count:
+            module(x).sum().backward()
+        return sum(count.counts.values())
+
+    assert operators(layer) - operators(base_layer) <= 15

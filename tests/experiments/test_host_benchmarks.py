@@ -81,3 +81,13 @@ def test_train_step_options_refuses_an_unknown_setting_before_building_anything(
     assert result.returncode == 2
     assert "setting 'adam/torch' for qvera:32: use OPTIMIZER/ATTENTION with an optimizer in" in result.stderr
     assert "'paged_adamw_8bit'" in result.stderr and "'no-cudnn'" in result.stderr
+
+
+def test_train_host_time_counts_each_variants_operators_against_the_floor(tmp_path):
+    args = "--variants floor qvera:16 --rounds 1".split()
+    out = run("train_host_time.py", *args, "--json", str(tmp_path / "h.json"))
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "h.json").read_text())["rows"]}
+    assert list(rows) == ["floor", "qvera:16"] and all(row["step_ms"] > 0 for row in rows.values())
+    extra = rows["qvera:16"]["operators"] - rows["floor"]["operators"]
+    assert 0 < extra <= 21 * 32 * 7  # the adapter's own, on 7 layers of each of the 32 blocks
+    assert f"+{extra}" in out
