@@ -6,6 +6,7 @@ ran 278 ms (BENCHMARKS.md): the rest is the host's Python, dispatch and launch w
 work is what a step costs, so this measures it without a GPU: `random:deep-narrow` (Llama-2-7B's
 32 layers at hidden size 64, NF4), built and stepped as the GPU benchmark does (gradient
 checkpointing, bf16 autocast, TRL's fused LM head, one optimizer step), 32 tokens a step.
+On a GPU (`--device cuda`) the same run times the launches themselves, which checks the proxy.
 
 Per variant: the median host time of a step (every model resident, one step of each in turn)
 and the number of operators the step dispatches, views left out. The count is exact and
@@ -47,13 +48,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=32, help="tokens a step (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=15, help="timed steps of each variant, in turn")
     parser.add_argument("--top", type=int, default=0, help="also list each variant's most frequent operators")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     steppers, operators = {}, {}
     for variant in args.variants:
-        model, method, _ = build("deep-narrow", variant, "bfloat16", "cpu", alone=False)
-        steppers[variant] = Stepper(model, method, "cpu")
+        model, method, _ = build("deep-narrow", variant, "bfloat16", args.device, alone=False)
+        steppers[variant] = Stepper(model, method, args.device)
         steppers[variant](1, args.seq)  # warm-up: optimizer state made
         operators[variant] = operators_per_step(steppers[variant], args.seq)
     times: dict[str, list[float]] = {variant: [] for variant in args.variants}
@@ -63,8 +65,12 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             steppers[variant](1, args.seq)
             times[variant].append(time.perf_counter() - start)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, torch {torch.__version__}, 1 thread, random:deep-narrow, 1 x {args.seq} tokens", end="")
+    if args.device == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        cpu = (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        machine = f"{next(cpu, '?')}, 1 thread"
+    print(f"{machine}, torch {torch.__version__}, random:deep-narrow, 1 x {args.seq} tokens", end="")
     print(f", medians of {args.rounds}")
     floor = args.variants[0] if args.variants[0] == "floor" else None
     header = f"  {'variant':14} {'ms a step':>10} {'operators':>10}"
@@ -83,7 +89,7 @@ def main(argv=None) -> None:
             dict(variant=v, step_ms=round(statistics.median(times[v]) * 1e3, 2), operators=sum(operators[v].values()))
             for v in args.variants
         ]
-        report = dict(cpu=cpu, torch=torch.__version__, seq=args.seq, rows=rows)
+        report = dict(machine=machine, torch=torch.__version__, seq=args.seq, rows=rows)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
