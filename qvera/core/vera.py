@@ -183,7 +183,8 @@ class AddVeraDelta(torch.autograd.Function):
 
 def add_scaled(base: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """base + v * b in base's dtype as one addcmul: one kernel and one rounding, not two. Every
-    path adds VeRA's output this way (training, decoding, mixed batches), so they agree bit for bit."""
+    unfolded path adds VeRA's output this way (training, decoding, mixed batches), so a row's
+    numbers do not depend on which of them computed it."""
     return torch.addcmul(base, cast(v, base.dtype), cast(b, base.dtype))
 
 
