@@ -40,18 +40,12 @@ SHAPES = {
         vocab_size=32000,
         max_position_embeddings=4096,
     ),
-    # Llama-2-7B's 32 layers at a width where the arithmetic is negligible: what a step costs
-    # here is the host work per layer that a GPU waits on (experiments/train_host_time.py).
-    "deep-narrow": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=32,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=320,
-        max_position_embeddings=4096,
-    ),
 }
+# Llama-2-7B's 32 layers at a width where the arithmetic is negligible: what a step costs here is
+# the host work per layer that a GPU waits on (experiments/train_host_time.py).
+SHAPES["deep-narrow"] = SHAPES["tiny"] | dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=32, vocab_size=320
+)
 
 
 def is_random(name: str) -> bool:
