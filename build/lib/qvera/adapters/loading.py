@@ -1,0 +1,87 @@
+"""A base plus an adapter in one call, for every caller (CLI, evaluation, chat, serving)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qvera.adapters.fit import check_fits
+from qvera.adapters.format import PEFT_CONFIG_FILE, Adapter, read_adapter
+from qvera.adapters.peft_interop import import_peft, peft_type
+from qvera.core.attach import PROJECTIONS_ATTR, attach_vera, load_vector_state
+from qvera.core.base import load_base, resolve_model_path
+from qvera.core.config import ModelConfig
+
+
+def attach_adapter(model: nn.Module, adapter: str | Path | Adapter) -> nn.Module:
+    """Attach VeRA as the adapter was trained and load its vectors, in one call; on a model
+    with VeRA already attached, check the fit and load the vectors."""
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter)
+    check_fits(adapter, model)
+    if not hasattr(model, PROJECTIONS_ATTR):
+        attach_vera(model, adapter.vera_config)
+    load_vector_state(model, adapter.vectors)
+    return model
+
+
+def meta_model(config) -> nn.Module:
+    """A causal LM built from a transformers config on the meta device: shapes, no weights."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def meta_base(name: str) -> nn.Module:
+    """A base's architecture on the meta device, from its config alone: enough to check,
+    describe and convert adapters without loading weights."""
+    model = meta_model(AutoConfig.from_pretrained(resolve_model_path(name)))
+    model.qvera_base_name = name
+    return model
+
+
+def read_any(folder: str | Path, model: nn.Module | None = None) -> Adapter:
+    """A qvera or a peft VeRA adapter folder, told apart by their config files."""
+    if (Path(folder) / PEFT_CONFIG_FILE).is_file():
+        return import_peft(folder, model)
+    return read_adapter(folder, model)
+
+
+def load_adapted(base: ModelConfig | str | None, adapter: str | Path | None = None, *, is_trainable: bool = False):
+    """Load a base and attach an adapter to it: the one way every caller does it.
+
+    Args:
+        base: the base's ModelConfig or name; an empty name (or None) takes the one the adapter records.
+        adapter: a qvera folder, a peft VeRA folder (run by qvera), or any other peft
+            adapter folder such as LoRA (run by peft); None loads the bare base.
+        is_trainable: for peft adapters, keep their parameters trainable (as in training,
+            so an evaluation runs the same kernels).
+
+    Returns:
+        (model, tokenizer).
+
+    Raises:
+        FileNotFoundError: the adapter folder does not exist.
+        ValueError: the adapter does not fit the base, or names no base and none was given.
+    """
+    folder = Path(adapter) if adapter is not None else None
+    if folder is not None and not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the folder a training run saved")
+    foreign = folder is not None and (folder / PEFT_CONFIG_FILE).is_file() and peft_type(folder) != "VERA"
+    if not isinstance(base, ModelConfig):
+        base = ModelConfig(name=base or "")
+    if not base.name and folder is not None and not foreign:
+        base = dataclasses.replace(base, name=read_any(folder).config["base_model"]["name"] or "")
+    if not base.name:
+        raise ValueError(f"{folder} does not name its base model; pass the base's name or folder")
+    model, tokenizer = load_base(base)
+    if folder is None:
+        return model, tokenizer
+    if foreign:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable), tokenizer
+    attach_adapter(model, read_any(folder, model))
+    return model, tokenizer

@@ -1,0 +1,184 @@
+"""Upstream peft's VeRA format, both ways.
+
+peft writes `adapter_config.json` (its VeraConfig: `r`, `projection_prng_key` = our seed,
+`save_projection`, `d_initial`, `target_modules`, ...) and `adapter_model.safetensors` with
+`base_model.model.<layer>.vera_lambda_d` / `vera_lambda_b`, plus `base_model.vera_A` /
+`base_model.vera_B` when the projections are saved. qvera generates A and B exactly as
+peft does, so equal vectors give equal logits and only the names change.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from peft import VeraConfig as PeftVeraConfig
+from torch import nn
+
+from qvera.adapters.atomic import atomic_folder
+from qvera.adapters.fit import (
+    check_fits,
+    describe_base,
+    model_fingerprint,
+    model_targets,
+    projection_shapes,
+    projections_fingerprint,
+)
+from qvera.adapters.format import Adapter, adapter_from_model
+from qvera.core.vera import generate_projections
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_FILES = {PEFT_CONFIG, PEFT_WEIGHTS, "README.md"}
+PREFIX = "base_model.model."
+NO_PEFT_DVORA = "peft has no VeRA with a magnitude vector (DVoRA); export to qvera's format or merge instead"
+VECTOR_SUFFIXES = {".vera_lambda_d": ".lambda_d", ".vera_lambda_b": ".lambda_b"}
+
+
+def export_peft(source: nn.Module | Adapter, folder: str | Path, *, save_projection: bool = False) -> Path:
+    """Write a model's adapter (or an Adapter read from a folder) so that peft's
+    `PeftModel.from_pretrained(base, folder)` loads it.
+
+    `save_projection` is peft's option of the same name: A and B go into the file too (larger,
+    but peft then needs no regeneration); qvera's fingerprint makes them unnecessary for qvera.
+    """
+    adapter = source if isinstance(source, Adapter) else adapter_from_model(source)
+    config = adapter.config
+    if config.get("magnitude"):
+        raise ValueError(NO_PEFT_DVORA)
+    tensors = {}
+    for key, value in adapter.vectors.items():
+        layer, _, which = key.rpartition(".")
+        tensors[f"{PREFIX}{layer}.vera_{which}"] = value.float().contiguous()
+    if save_projection:
+        a_shape, b_shape = projection_shapes(config["rank"], config["targets"])
+        A, B = generate_projections(config["rank"], a_shape[1], b_shape[0], config["seed"])
+        if config["projections"]["fingerprint"] not in (None, projections_fingerprint(A, B)):
+            raise ValueError(
+                f"the projections regenerated from seed {config['seed']} do not match the adapter's fingerprint; "
+                "this torch build draws other random numbers, so they cannot be saved for peft"
+            )
+        tensors["base_model.vera_A"], tensors["base_model.vera_B"] = A, B
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that save_projection=False relies on the seed: intended
+        peft_config = PeftVeraConfig(
+            r=config["rank"],
+            target_modules=sorted(config["targets"]),
+            projection_prng_key=config["seed"],
+            save_projection=save_projection,
+            d_initial=config["d_initial"],
+            base_model_name_or_path=config["base_model"]["name"],
+            revision=config["base_model"]["revision"],
+            inference_mode=True,
+        )
+    folder = Path(folder)
+    with atomic_folder(folder, replaceable=PEFT_FILES) as staging:
+        safetensors.torch.save_file(tensors, staging / PEFT_WEIGHTS, metadata={"format": "pt"})
+        peft_config.save_pretrained(str(staging))
+    return folder
+
+
+def import_peft(folder: str | Path, model: nn.Module | None = None) -> Adapter:
+    """Read a peft VeRA adapter folder (with or without saved projections) as an Adapter.
+
+    With `model` (bare, VeRA-attached, or built on the meta device), the adapter is checked
+    against it and its description completed (input sizes, fingerprint), so it can be
+    attached with `qvera.adapters.attach_adapter` or written with `write_adapter`. peft
+    records no checkable base identity, so the caller's model stands for the base.
+    """
+    folder = Path(folder)
+    peft_config = _read_peft_config(folder)
+    rank, seed = peft_config["r"], peft_config.get("projection_prng_key", 0)
+    vectors, A, B = _read_peft_weights(folder / PEFT_WEIGHTS, rank)
+    fingerprint = None
+    if A is not None:
+        regenerated = generate_projections(rank, A.shape[1], B.shape[0], seed)
+        if not (torch.equal(A.float(), regenerated[0]) and torch.equal(B.float(), regenerated[1])):
+            raise ValueError(
+                f"{folder}: the saved projections differ from those projection_prng_key={seed} generates here; "
+                "qvera regenerates A and B from the seed, so it cannot run this adapter"
+            )
+        fingerprint = projections_fingerprint(A, B)
+    targets = {
+        key.removesuffix(".lambda_b"): [value.shape[0], None]
+        for key, value in vectors.items()
+        if key.endswith(".lambda_b")
+    }
+    config = {
+        "format": "peft-vera",  # write_adapter stamps qvera's own format when saving it
+        "format_version": peft_config.get("peft_version"),
+        "rank": rank,
+        "seed": seed,
+        "d_initial": peft_config.get("d_initial", 0.1),
+        "target_modules": sorted(targets),
+        "targets": targets,
+        "base_model": {
+            "name": peft_config.get("base_model_name_or_path"),
+            "revision": peft_config.get("revision"),
+            "content_hash": None,
+        },
+        "projections": {"dtype": "float32", "A": None, "B": None, "fingerprint": fingerprint},
+    }
+    if model is not None:
+        config["base_model"] = describe_base(model)
+        here = model_targets(model, targets)
+        for name, shape in targets.items():
+            if name in here:
+                shape[1] = here[name][1]
+        adapter = Adapter(config, vectors, folder)
+        check_fits(adapter, model)
+        a_shape, b_shape = projection_shapes(rank, targets)
+        config["projections"].update(A=a_shape, B=b_shape, fingerprint=model_fingerprint(model, rank, seed, targets))
+        return adapter
+    return Adapter(config, vectors, folder)
+
+
+def _peft_config(folder: Path) -> dict:
+    path = folder / PEFT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {PEFT_CONFIG}; pass a folder written by peft's save_pretrained")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is truncated or corrupted ({err})") from err
+
+
+def peft_type(folder: str | Path) -> str | None:
+    """The adapter type a peft folder declares (VERA, LORA, ...)."""
+    return _peft_config(Path(folder)).get("peft_type")
+
+
+def _read_peft_config(folder: Path) -> dict:
+    config = _peft_config(folder)
+    if config.get("peft_type") != "VERA":
+        raise ValueError(f"{folder} is a {config.get('peft_type')} adapter, not VeRA; qvera reads VeRA adapters only")
+    unsupported = {k: config[k] for k in ("modules_to_save", "layers_to_transform") if config.get(k)}
+    if config.get("bias", "none") != "none":
+        unsupported["bias"] = config["bias"]
+    if unsupported:
+        raise ValueError(f"{folder} uses peft options qvera does not support ({unsupported}); train it without them")
+    return config
+
+
+def _read_peft_weights(path: Path, rank: int):
+    """The vectors under qvera's names, and A and B when saved (else None)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; peft VeRA adapters are read from safetensors files")
+    try:
+        tensors = safetensors.torch.load(path.read_bytes())
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{path} is truncated or corrupted ({err})") from err
+    A, B = tensors.pop("base_model.vera_A", None), tensors.pop("base_model.vera_B", None)
+    vectors = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in VECTOR_SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            raise ValueError(f"{path} holds {key!r}, which is not a VeRA vector; qvera reads VeRA adapters only")
+        vectors[key[len(PREFIX) : -len(suffix)] + VECTOR_SUFFIXES[suffix]] = value.float()
+    for key, value in vectors.items():
+        if key.endswith(".lambda_d") and value.shape != (rank,):
+            raise ValueError(f"{path}: {key} has {value.shape[0]} entries but adapter_config.json says r={rank}")
+    return vectors, A, B

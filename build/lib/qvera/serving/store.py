@@ -1,0 +1,172 @@
+"""The adapters folder behind a server: which adapters this base can serve, and which stay
+resident.
+
+Every sub-folder is read and checked against the base once (again when its description
+changes), so `/v1/models` lists only adapters that load here; hidden folders (leftovers of
+interrupted writes) and unservable ones are skipped with one warning line. At most
+`max_resident` adapters stay in memory, the least recently used leaving first, but never one
+that a running request holds (`acquire` / `release`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+from torch import nn
+
+from qvera.adapters.fit import check_fits
+from qvera.adapters.format import CONFIG_FILE, Adapter, read_adapter
+from qvera.core.attach import PROJECTIONS_ATTR, attach_vera
+from qvera.core.config import VeraConfig
+from qvera.serving.bank import AdapterBank
+from qvera.serving.openai_schema import RequestError
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^/\s,;:()'\"]+)+")
+
+
+class AdapterStore:
+    def __init__(self, model: nn.Module, folder: str | Path, max_resident: int = 64, log=None):
+        self.model, self.folder = model, Path(folder)
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        if not self.folder.is_dir():
+            raise FileNotFoundError(
+                f"adapters folder {self.folder} does not exist; create it and save adapters into it"
+            )
+        self.lock = threading.Lock()
+        self.verdicts: dict[str, tuple[int, str | None]] = {}  # name -> (description's mtime, why unservable)
+        self.pins: Counter[str] = Counter()
+        self.loaded_stamps: dict[str, int] = {}
+        names = self._visible()
+        if not hasattr(model, PROJECTIONS_ATTR):
+            attach_vera(model, self._shared_vera_config(names))
+        # Vectors kept in the compute dtype (bf16 for an NF4 base): half the memory, same results.
+        self.bank = AdapterBank(model, max_resident=max_resident, dtype=model.dtype)
+        skipped = [f"{name} ({reason})" for name, reason in self._skipped_at_start()]
+        skipped += [f"{name} ({why})" for name in names if (why := self._verdict(name)) is not None]
+        if skipped:
+            self.log(f"warning: skipped {len(skipped)} adapter folder(s) this base cannot serve: {'; '.join(skipped)}")
+
+    def servable(self) -> list[str]:
+        """The adapters that load on this base, as the folder holds them now."""
+        with self.lock:
+            names = self._visible()
+            for gone in set(self.verdicts) - set(names):
+                del self.verdicts[gone]
+            return [name for name in names if self._verdict(name, warn=True) is None]
+
+    def check(self, name: str) -> None:
+        """Raise the RequestError a request naming this adapter gets, if any."""
+        with self.lock:
+            if name.startswith(".") or "/" in name or "\\" in name or not (self.folder / name / CONFIG_FILE).is_file():
+                known = [n for n in self._visible() if self._verdict(n) is None]
+                raise RequestError(
+                    404,
+                    f"the model {name!r} does not exist; available adapters: {', '.join(known[:10]) or 'none'}",
+                    "model",
+                    "model_not_found",
+                )
+            why = self._verdict(name, warn=True)
+            if why is not None:
+                raise RequestError(
+                    400, f"adapter {name!r} cannot be served on this base: {why}", "model", "adapter_mismatch"
+                )
+
+    def acquire(self, name: str | None) -> bool:
+        """Make the adapter resident and hold it there until `release`; False when every
+        resident slot is held by running requests (try again once one finishes)."""
+        if name is None:
+            return True
+        with self.lock:
+            stamp = self._stamp(name)
+            stale = name in self.bank.adapters and self.loaded_stamps.get(name) != stamp and not self.pins[name]
+            if name not in self.bank.adapters or stale:
+                held = [n for n in self.bank.adapters if self.pins[n]]
+                if len(held) >= self.bank.max_resident:
+                    return False
+                adapter = self._read(name)
+                self.bank.touch(held)  # the least recently used adapter that leaves is one nobody holds
+                self.bank.add(name, adapter.vectors)
+                self.loaded_stamps[name] = stamp
+            self.pins[name] += 1
+            self.bank.touch([name])
+            return True
+
+    def release(self, name: str | None) -> None:
+        if name is not None:
+            with self.lock:
+                self.pins[name] -= 1
+
+    # --- reading and checking ------------------------------------------------------------
+
+    def _visible(self) -> list[str]:
+        return sorted(
+            p.name for p in self.folder.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()
+        )
+
+    def _skipped_at_start(self) -> list[tuple[str, str]]:
+        skipped = []
+        for path in sorted(self.folder.iterdir()):
+            if path.name.startswith("."):
+                skipped.append((path.name, "hidden: a leftover of an interrupted write?"))
+            elif path.is_dir() and not (path / CONFIG_FILE).is_file():
+                skipped.append((path.name, f"no {CONFIG_FILE}"))
+        return skipped
+
+    def _stamp(self, name: str) -> int:
+        try:
+            return (self.folder / name / CONFIG_FILE).stat().st_mtime_ns
+        except OSError:
+            return -1
+
+    def _verdict(self, name: str, warn: bool = False) -> str | None:
+        """Why the adapter cannot be served here (None: it can), read once per description."""
+        stamp = self._stamp(name)
+        if self.verdicts.get(name, (None,))[0] != stamp:
+            try:
+                self._read(name)
+                self.verdicts[name] = (stamp, None)
+            except RequestError as err:
+                self.verdicts[name] = (stamp, err.message)
+                if warn:
+                    self.log(f"warning: adapter folder {name} cannot be served on this base: {err.message}")
+        return self.verdicts[name][1]
+
+    def _read(self, name: str) -> Adapter:
+        path = self.folder / name
+        try:
+            adapter = read_adapter(path)
+            check_fits(adapter, self.model, source=name)
+            return adapter
+        except (ValueError, OSError) as err:
+            # Messages name the adapter, never where the server keeps it (nor other local paths).
+            message = str(err).replace(str(path.resolve()), name).replace(str(path), name)
+            message = ABSOLUTE_PATH.sub(lambda match: Path(match.group()).name, message)
+            raise RequestError(400, message, "model", "adapter_mismatch") from err
+
+    def _shared_vera_config(self, names: list[str]) -> VeraConfig:
+        """Every served adapter shares A and B, so one rank, seed and set of targets serves:
+        the one most adapters that fit this base were trained with (ties: the first name).
+        With a magnitude (DVoRA) among them, the layers get one, and plain adapters run with
+        an output scale of 1 beside it."""
+        if not names:
+            raise ValueError(f"{self.folder} holds no adapter; save one there with qvera.adapters.save_adapter")
+        fitting, errors = {}, []
+        for name in names:
+            try:
+                adapter = self._read(name)
+            except RequestError as err:
+                errors.append(err.message)
+                continue
+            config = adapter.vera_config
+            fitting.setdefault(
+                (config.rank, config.projection_seed, config.d_initial, tuple(config.target_modules)), []
+            ).append(adapter)
+        if not fitting:
+            raise ValueError(f"no adapter in {self.folder} fits this base; the first says: {errors[0]}")
+        group = max(fitting.values(), key=len)
+        return dataclasses.replace(group[0].vera_config, magnitude=any(a.vera_config.magnitude for a in group))

@@ -1,0 +1,319 @@
+"""The embedded default: teach SmolLM2-135M-Instruct to answer every question as one line of
+JSON, {"topic": ..., "answer": ...}, a habit the base model does not have.
+
+The data set is generated here from small authored tables (capitals, small sums, opposites,
+animal facts, science facts), so it needs no download. Some rows of each table are held back:
+the before/after comparison asks about them only, so the score measures a learned format, not
+memorised lines.
+
+Each "answer" is a whole sentence in the base model's own phrasing ("The capital of France is
+Paris."), and the tables hold facts a 135M model mostly knows. Bare one-word answers, and sums
+it cannot compute, taught it to fill the answer slot with a guess: the tuned model lost facts
+the base knew (Kyiv became Lviv). With sentences it reaches the fact the way it always has.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+
+from qvera.serving.bank import AdapterBank
+from qvera.serving.generation import Sampling, generate
+
+SEED = 1234
+
+CAPITALS = [
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Russia", "Moscow"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Brazil", "Brasilia"),
+    ("Argentina", "Buenos Aires"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Australia", "Canberra"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Greece", "Athens"),
+    ("Turkey", "Ankara"),
+    ("Ireland", "Dublin"),
+    ("the Netherlands", "Amsterdam"),
+    ("Belgium", "Brussels"),
+    ("Hungary", "Budapest"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("South Korea", "Seoul"),
+    ("Indonesia", "Jakarta"),
+    ("the Philippines", "Manila"),
+    ("Cuba", "Havana"),
+    ("Colombia", "Bogota"),
+    ("Nigeria", "Abuja"),
+    ("Morocco", "Rabat"),
+    ("Iran", "Tehran"),
+    # held out from training (the last rows of every table are):
+    ("the United Kingdom", "London"),
+    ("the United States", "Washington"),
+    ("Switzerland", "Bern"),
+    ("Czechia", "Prague"),
+    ("Ukraine", "Kyiv"),
+]
+OPPOSITES = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("up", "down"),
+    ("early", "late"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("strong", "weak"),
+    ("old", "young"),
+    ("hard", "soft"),
+    ("rich", "poor"),
+    ("wet", "dry"),
+    ("loud", "quiet"),
+    ("high", "low"),
+    ("thick", "thin"),
+    ("win", "lose"),
+    ("push", "pull"),
+    ("clean", "dirty"),
+    ("begin", "end"),
+    ("true", "false"),
+    ("good", "bad"),
+    ("long", "short"),
+    ("inside", "outside"),
+]
+ANIMAL_SOUNDS = [
+    ("cow", "moo"),
+    ("dog", "bark"),
+    ("cat", "meow"),
+    ("sheep", "baa"),
+    ("duck", "quack"),
+    ("horse", "neigh"),
+    ("pig", "oink"),
+    ("lion", "roar"),
+    ("owl", "hoot"),
+    ("snake", "hiss"),
+    ("frog", "croak"),
+    ("bee", "buzz"),
+    ("mouse", "squeak"),
+    ("donkey", "bray"),
+]
+BABY_ANIMALS = [
+    ("dog", "puppy"),
+    ("cat", "kitten"),
+    ("cow", "calf"),
+    ("sheep", "lamb"),
+    ("horse", "foal"),
+    ("goat", "kid"),
+    ("bear", "cub"),
+    ("frog", "tadpole"),
+    ("kangaroo", "joey"),
+    ("duck", "duckling"),
+    ("swan", "cygnet"),
+    ("goose", "gosling"),
+    ("pig", "piglet"),
+    ("lion", "cub"),
+]
+# (question, the taught answer sentence, the fact it must contain)
+SCIENCE = [
+    ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet.", "Mars"),
+    (
+        "What is the largest planet in our solar system?",
+        "Jupiter is the largest planet in our solar system.",
+        "Jupiter",
+    ),
+    ("What gas do plants take in from the air?", "Plants take in carbon dioxide from the air.", "carbon dioxide"),
+    ("What gas do humans need to breathe?", "Humans need oxygen to breathe.", "oxygen"),
+    ("What is the chemical formula for water?", "The chemical formula for water is H2O.", "H2O"),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au.", "Au"),
+    ("At what temperature in Celsius does water freeze?", "Water freezes at 0 degrees Celsius.", "0"),
+    (
+        "At what temperature in Celsius does water boil at sea level?",
+        "Water boils at 100 degrees Celsius at sea level.",
+        "100",
+    ),
+    ("What is the closest star to Earth?", "The Sun is the closest star to Earth.", "Sun"),
+    ("How many legs does a spider have?", "A spider has 8 legs.", "8"),
+    ("How many legs does an insect have?", "An insect has 6 legs.", "6"),
+    ("What force pulls objects toward the Earth?", "Gravity pulls objects toward the Earth.", "gravity"),
+    ("What part of the plant makes food from sunlight?", "The leaf makes food from sunlight.", "leaf"),
+    ("Which organ pumps blood through the body?", "The heart pumps blood through the body.", "heart"),
+    ("What is the hardest natural substance?", "Diamond is the hardest natural substance.", "diamond"),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth.", "Pacific"),
+    ("How many continents are there?", "There are 7 continents.", "7"),
+    ("What is frozen water called?", "Frozen water is called ice.", "ice"),
+    ("Which planet is closest to the Sun?", "Mercury is the planet closest to the Sun.", "Mercury"),
+    ("What do bees make?", "Bees make honey.", "honey"),
+    ("What is the tallest animal?", "The giraffe is the tallest animal.", "giraffe"),
+    ("How many days does the Earth take to orbit the Sun?", "The Earth takes 365 days to orbit the Sun.", "365"),
+    ("What is the largest mammal?", "The blue whale is the largest mammal.", "blue whale"),
+    ("What natural satellite orbits the Earth?", "The Moon orbits the Earth.", "Moon"),
+    ("Which organ do humans use to breathe?", "Humans breathe with their lungs.", "lungs"),
+]
+# Other spellings or words a right answer may use instead of the fact in the tables.
+ALSO_RIGHT = {"Kyiv": ("Kiev",), "bray": ("hee-haw", "hee haw")}
+
+CAPITAL_QUESTIONS = ["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital of {}."]
+OPPOSITE_QUESTIONS = [
+    "What is the opposite of '{}'?",
+    "Give me the opposite of the word {}.",
+    "What word means the opposite of {}?",
+]
+SOUND_QUESTIONS = ["What sound does a {} make?", "What noise does a {} make?"]
+BABY_QUESTIONS = ["What is a baby {} called?", "What do you call a young {}?"]
+HELD_OUT = 0.12  # the last rows of every table
+SUMS = 20  # small sums in the training data
+
+
+@dataclass(frozen=True)
+class Question:
+    """One demo question with the sentence it teaches and the fact the score looks for."""
+
+    prompt: str
+    topic: str
+    answer: str  # the whole sentence taught inside the JSON, phrased as the base model would say it
+    fact: str  # the word or number a right answer must contain
+
+    def reply(self) -> str:
+        return json.dumps({"topic": self.topic, "answer": self.answer})
+
+    def answered_by(self, text: str) -> bool:
+        """Whether `text` states the fact (as a whole word, so "100" does not count for "0")."""
+        spellings = (self.fact, *ALSO_RIGHT.get(self.fact, ()))
+        return any(re.search(rf"(?<!\w){re.escape(f)}(?!\w)", text, re.IGNORECASE) for f in spellings)
+
+
+def _split(table: list) -> tuple[list, list]:
+    cut = len(table) - max(1, round(len(table) * HELD_OUT))
+    return table[:cut], table[cut:]
+
+
+def _questions(rng: random.Random, held_out: bool) -> list[Question]:
+    pick = lambda table: _split(table)[1 if held_out else 0]  # noqa: E731
+    phrasings = lambda templates: rng.sample(templates, 1 if held_out else 2)  # noqa: E731
+    qs = []
+    for country, city in pick(CAPITALS):
+        sentence = f"The capital of {country} is {city}."
+        qs += [Question(t.format(country), "geography", sentence, city) for t in phrasings(CAPITAL_QUESTIONS)]
+    for word, opposite in pick(OPPOSITES):
+        sentence = f"The opposite of {word} is {opposite}."
+        qs += [Question(t.format(word), "language", sentence, opposite) for t in phrasings(OPPOSITE_QUESTIONS)]
+    for animal, sound in pick(ANIMAL_SOUNDS):
+        sentence = f"A {animal} says {sound}."
+        qs += [Question(t.format(animal), "animals", sentence, sound) for t in phrasings(SOUND_QUESTIONS)]
+    for animal, baby in pick(BABY_ANIMALS):
+        sentence = f"A baby {animal} is called a {baby}."
+        qs += [Question(t.format(animal), "animals", sentence, baby) for t in phrasings(BABY_QUESTIONS)]
+    qs += [Question(q, "science", sentence, fact) for q, sentence, fact in pick(SCIENCE)]
+    # Small sums: fresh numbers for held-out questions.
+    lo, hi = (11, 20) if held_out else (1, 10)
+    for _ in range(2 if held_out else SUMS):
+        a, b = rng.randint(lo, hi), rng.randint(1, 9)
+        kind, value = rng.choice([("plus", a + b), ("minus", a - b)])
+        prompt = rng.choice([f"What is {a} {kind} {b}?", f"Compute {a} {kind} {b}."])
+        qs.append(Question(prompt, "math", f"{a} {kind} {b} is {value}.", str(value)))
+    return qs
+
+
+def training_questions() -> list[Question]:
+    """The questions the demo trains on (fixed seed: the same every run)."""
+    qs = _questions(random.Random(SEED), held_out=False)
+    random.Random(SEED).shuffle(qs)
+    return qs
+
+
+def held_out_questions() -> list[Question]:
+    """The questions the training data never asks: the last rows of every table."""
+    return _questions(random.Random(SEED + 1), held_out=True)
+
+
+def demo_conversations() -> list[list[dict]]:
+    """The demo's training set as chat conversations, the taught JSON as the answer."""
+    return [
+        [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.reply()}]
+        for q in training_questions()
+    ]
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def parse_reply(text: str) -> dict | None:
+    """The reply as {"topic", "answer"} if it is exactly that JSON object, else None."""
+    try:
+        value = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return None
+    if (
+        isinstance(value, dict)
+        and set(value) == {"topic", "answer"}
+        and all(isinstance(v, str) for v in value.values())
+    ):
+        return value
+    return None
+
+
+def score(questions: list[Question], replies: list[str]) -> dict[str, float]:
+    """Share of replies in the taught format, and share that state the right fact at all
+    (so one sees the format did not cost the base model its knowledge)."""
+    n = len(questions)
+    in_format = sum(parse_reply(r) is not None for r in replies)
+    correct = sum(q.answered_by(r) for q, r in zip(questions, replies))
+    return {"format": in_format / n, "correct": correct / n}
+
+
+def compare(model, tokenizer, max_new_tokens: int = 32) -> str:
+    """Answer the held-out questions with the base (b = 0) and the tuned vectors in one mixed
+    batch; return a side-by-side table and both scores."""
+    questions = held_out_questions()
+    bank = AdapterBank(model)
+    bank.add_current("tuned")
+    convs = [[{"role": "user", "content": q.prompt}] for q in questions]
+    replies = generate(
+        model,
+        tokenizer,
+        convs + convs,
+        adapters=[None] * len(convs) + ["tuned"] * len(convs),
+        bank=bank,
+        sampling=Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens),
+    )
+    base, tuned = replies[: len(convs)], replies[len(convs) :]
+    bank.activate("tuned")  # leave the model as trained
+    return comparison_table(questions, base, tuned)
+
+
+def _cell(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def comparison_table(questions: list[Question], base: list[str], tuned: list[str], width: int = 44) -> str:
+    """Base and tuned answers side by side, with both scores under them."""
+    lines = [f"{'held-out question':<36} | {'base model':<{width}} | tuned (VeRA)", "-" * (36 + 2 * width + 6)]
+    for q, b, t in zip(questions, base, tuned):
+        lines.append(f"{_cell(q.prompt, 36):<36} | {_cell(b, width):<{width}} | {_cell(t, width)}")
+    sb, st = score(questions, base), score(questions, tuned)
+    lines += [
+        "",
+        f"answers in the taught JSON format: base {sb['format']:.0%}  ->  tuned {st['format']:.0%}  "
+        f"({len(questions)} held-out questions)",
+        f"answers containing the right fact: base {sb['correct']:.0%}  ->  tuned {st['correct']:.0%}",
+    ]
+    return "\n".join(lines)
