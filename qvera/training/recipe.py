@@ -20,6 +20,7 @@ from qvera.adapters.peft_interop import NO_PEFT_DVORA
 from qvera.core.base import QUANTIZATIONS
 from qvera.core.config import ModelConfig, VeraConfig, from_dict, load_yaml, option
 from qvera.core.hardware import COMPUTE_DTYPES
+from qvera.core.random_base import is_random, random_config
 
 DEMO_DATA = "demo"  # the data set qvera writes itself (qvera.demo); see DataConfig.path
 FORMATS = ("auto", "messages", "alpaca", "prompt-completion")
@@ -183,6 +184,8 @@ def check_recipe(recipe: SFTRecipe) -> None:
     for failed, message in problems:
         if failed:
             raise ValueError(message)
+    if is_random(model.name):
+        random_config(model.name)  # an unknown shape fails here, not after the data has loaded
     for name, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
         if path and Path(path).suffix in LOCAL_SUFFIXES and not Path(path).is_file():
             raise ValueError(f"{name} {path} does not exist; pass a .json, .jsonl or .parquet file or a hub data set")

@@ -133,6 +133,7 @@ def test_script_rejects_bad_flags_and_configs_in_one_line(capsys, tmp_path):
         (["--lr-scheduler", "cosin"], "train.lr_scheduler 'cosin' is unknown; use one of linear, cosine"),
         (["--optimizer", "adam"], "train.optimizer 'adam' is unknown; use auto or a transformers optim name"),
         (["--data", "missing.jsonl"], "data.path missing.jsonl does not exist; pass a .json, .jsonl or .parquet"),
+        (["--model", "random:huge"], "unknown random base 'random:huge'; use one of random:llama2-7b, random:tiny"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
