@@ -157,7 +157,7 @@ class AddVeraDelta(torch.autograd.Function):
     """base + b * (B (d * A x)) from the base layer's output and a precomputed `A x`. Used when a
     call has few tokens, where saving the out-sized `B (d * A x)` is cheap and spares the
     backward a matmul. The vectors are cast to the compute dtype once, and the casts saved for
-    the backward: on a GPU the step is bound by how many kernels it issues, not their size."""
+    the backward: on a GPU a 7B step is bound by how many kernels it issues, not their size."""
 
     @staticmethod
     def forward(ctx, base, ax, lambda_d, lambda_b, B):
@@ -182,10 +182,11 @@ class AddVeraDelta(torch.autograd.Function):
 
 
 def add_scaled(base: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """base + v * b in base's dtype as one addcmul: one kernel and one rounding, not two. Every
-    unfolded path adds VeRA's output this way (training, decoding, mixed batches), so a row's
-    numbers do not depend on which of them computed it."""
-    return torch.addcmul(base, cast(v, base.dtype), cast(b, base.dtype))
+    """base + v * b, the product in v's dtype, the sum in base's. Every unfolded path adds VeRA's
+    output this way (training, decoding, mixed batches), so they agree bit for bit. Two exactly
+    rounded operations, not one `addcmul`: with it, two identical requests served side by side
+    on a CPU came out with different sampled replies, a row's numbers moving with the batch."""
+    return base + cast(v * b, base.dtype)
 
 
 def _token_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
