@@ -13,6 +13,7 @@ import json
 import sys
 
 from qvera import ModelConfig, load_base
+from qvera.adapters.loading import check_adapters
 from qvera.core.hardware import COMPUTE_DTYPES
 from qvera.serving.generation import Chat, Sampling, reply_batch
 
@@ -57,10 +58,13 @@ def main() -> None:
         parser.error(
             f"got {len(args.adapter)} --adapter for {len(args.prompt)} --prompt; give one per prompt, or one for all"
         )
+    base = ModelConfig(name=args.model, quantization=args.quantization, compute_dtype=args.compute_dtype)
     try:
-        model, tokenizer = load_base(
-            ModelConfig(name=args.model, quantization=args.quantization, compute_dtype=args.compute_dtype)
-        )
+        check_adapters(base, sorted({name for name in args.adapter if name != "none"}))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))  # before the base's weights load
+    try:
+        model, tokenizer = load_base(base)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     if len(args.prompt) > 1:

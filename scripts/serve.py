@@ -12,8 +12,9 @@ import sys
 
 from qvera import ModelConfig, load_base
 from qvera.core.hardware import COMPUTE_DTYPES
-from qvera.serving.app import ServeOptions, Server
+from qvera.serving.app import ServeOptions, Server, bind_address
 from qvera.serving.generation import Sampling
+from qvera.serving.store import adapter_folders
 
 
 def main() -> None:
@@ -65,22 +66,32 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=defaults.max_new_tokens, help="when a request gives none")
     args = parser.parse_args()
 
+    # Everything checkable without the base is checked before it loads (minutes for 7B).
+    try:
+        options = ServeOptions(
+            max_resident=args.max_resident,
+            max_batch_size=args.max_batch_size,
+            prefill_tokens=args.prefill_tokens,
+            api_key=args.api_key,
+            max_body_bytes=args.max_body_bytes,
+            request_timeout=args.request_timeout,
+            defaults=Sampling(args.temperature, args.top_p, args.max_tokens),
+            batch_invariant=args.batch_invariant,
+        )
+        adapter_folders(args.adapters)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    try:
+        sock = bind_address(args.host, args.port)
+    except (ValueError, OSError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        parser.error(f"cannot listen on {args.host}:{args.port} ({reason}); choose another --port or --host")
     try:
         model, tokenizer = load_base(
             ModelConfig(name=args.model, quantization=args.quantization, compute_dtype=args.compute_dtype)
         )
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
-    options = ServeOptions(
-        max_resident=args.max_resident,
-        max_batch_size=args.max_batch_size,
-        prefill_tokens=args.prefill_tokens,
-        api_key=args.api_key,
-        max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout,
-        defaults=Sampling(args.temperature, args.top_p, args.max_tokens),
-        batch_invariant=args.batch_invariant,
-    )
     try:
         server = Server(model, tokenizer, args.adapters, options)
     except (ValueError, FileNotFoundError, NotImplementedError, OSError) as err:
@@ -89,7 +100,7 @@ def main() -> None:
         f"serving {server.base_name} and the adapters in {args.adapters} at http://{args.host}:{args.port}/v1",
         flush=True,
     )
-    server.serve(args.host, args.port)
+    server.serve(sock)
 
 
 if __name__ == "__main__":

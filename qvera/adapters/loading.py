@@ -36,12 +36,29 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def meta_base(name: str) -> nn.Module:
+def meta_base(name: str, revision: str | None = None) -> nn.Module:
     """A base's architecture on the meta device, from its config alone: enough to check,
     describe and convert adapters without loading weights."""
-    model = meta_model(AutoConfig.from_pretrained(resolve_model_path(name)))
+    model = meta_model(AutoConfig.from_pretrained(resolve_model_path(name), revision=revision))
     model.qvera_base_name = name
     return model
+
+
+def check_adapters(base: ModelConfig | str, folders) -> None:
+    """Read each qvera or peft VeRA adapter folder and check that it fits the base, from the
+    base's config alone: a wrong folder fails in seconds, not after the weights have loaded
+    (minutes for a 7B base). Raises what loading would: FileNotFoundError or ValueError."""
+    base = base if isinstance(base, ModelConfig) else ModelConfig(name=base)
+    model = None
+    for folder in folders:
+        _require_folder(Path(folder))
+        model = model or meta_base(base.name, base.revision)
+        read_any(folder, model)
+
+
+def _require_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the folder a training run saved")
 
 
 def read_any(folder: str | Path, model: nn.Module | None = None) -> Adapter:
@@ -69,8 +86,8 @@ def load_adapted(base: ModelConfig | str | None, adapter: str | Path | None = No
         ValueError: the adapter does not fit the base, or names no base and none was given.
     """
     folder = Path(adapter) if adapter is not None else None
-    if folder is not None and not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the folder a training run saved")
+    if folder is not None:
+        _require_folder(folder)
     foreign = folder is not None and (folder / PEFT_CONFIG_FILE).is_file() and peft_type(folder) != "VERA"
     if not isinstance(base, ModelConfig):
         base = ModelConfig(name=base or "")
@@ -78,6 +95,8 @@ def load_adapted(base: ModelConfig | str | None, adapter: str | Path | None = No
         base = dataclasses.replace(base, name=read_any(folder).config["base_model"]["name"] or "")
     if not base.name:
         raise ValueError(f"{folder} does not name its base model; pass the base's name or folder")
+    if folder is not None and not foreign:
+        check_adapters(base, [folder])
     model, tokenizer = load_base(base)
     if folder is None:
         return model, tokenizer

@@ -48,6 +48,30 @@ class ServeOptions:
     defaults: Sampling = field(default_factory=Sampling)
     batch_invariant: bool = False  # replies bit for bit those of each request alone, at some speed
 
+    def __post_init__(self):
+        for name in ("max_resident", "max_batch_size", "prefill_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be above 0 seconds, got {self.request_timeout}")
+
+
+def bind_address(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, not yet listening. Taken before the base loads (minutes for
+    7B), so a port in use fails at once; until the server listens, a client is refused rather
+    than left waiting."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0-65535")
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
 
 class Server:
     """The adapter store, the scheduler and the FastAPI app over them."""
@@ -83,14 +107,12 @@ class Server:
             backlog=2048,
         )
 
-    def serve(self, host: str, port: int) -> None:
-        """Serve until interrupted (Ctrl-C)."""
+    def serve(self, sock: socket.socket) -> None:
+        """Serve on a socket from `bind_address` until interrupted (Ctrl-C)."""
         self.scheduler.start()
-        config = self.config()
-        config.host, config.port = host, port
-        self.uvicorn = uvicorn.Server(config)
+        self.uvicorn = uvicorn.Server(self.config())
         try:
-            self.uvicorn.run()
+            self.uvicorn.run(sockets=[sock])
         finally:
             self.scheduler.close()
 

@@ -29,19 +29,28 @@ from qvera.serving.openai_schema import RequestError
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^/\s,;:()'\"]+)+")
 
 
+def adapter_folders(folder: str | Path, *, at_least_one: bool = True) -> list[str]:
+    """The names of the adapter folders in `folder`, hidden ones left out. Raises in one line
+    for a folder that does not exist or, with `at_least_one`, holds no adapter: a bare base
+    needs one to size the shared projections. Needs no model, so a server checks it first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapters folder {folder} does not exist; create it and save adapters into it")
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
+    if at_least_one and not names:
+        raise ValueError(f"{folder} holds no adapter; save one there with qvera.adapters.save_adapter")
+    return names
+
+
 class AdapterStore:
     def __init__(self, model: nn.Module, folder: str | Path, max_resident: int = 64, log=None):
         self.model, self.folder = model, Path(folder)
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        if not self.folder.is_dir():
-            raise FileNotFoundError(
-                f"adapters folder {self.folder} does not exist; create it and save adapters into it"
-            )
+        names = adapter_folders(self.folder, at_least_one=not hasattr(model, PROJECTIONS_ATTR))
         self.lock = threading.Lock()
         self.verdicts: dict[str, tuple[int, str | None]] = {}  # name -> (description's mtime, why unservable)
         self.pins: Counter[str] = Counter()
         self.loaded_stamps: dict[str, int] = {}
-        names = self._visible()
         if not hasattr(model, PROJECTIONS_ATTR):
             attach_vera(model, self._shared_vera_config(names))
         # Vectors kept in the compute dtype (bf16 for an NF4 base): half the memory, same results.
@@ -104,9 +113,7 @@ class AdapterStore:
     # --- reading and checking ------------------------------------------------------------
 
     def _visible(self) -> list[str]:
-        return sorted(
-            p.name for p in self.folder.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()
-        )
+        return adapter_folders(self.folder, at_least_one=False)
 
     def _skipped_at_start(self) -> list[tuple[str, str]]:
         skipped = []
@@ -153,8 +160,6 @@ class AdapterStore:
         the one most adapters that fit this base were trained with (ties: the first name).
         With a magnitude (DVoRA) among them, the layers get one, and plain adapters run with
         an output scale of 1 beside it."""
-        if not names:
-            raise ValueError(f"{self.folder} holds no adapter; save one there with qvera.adapters.save_adapter")
         fitting, errors = {}, []
         for name in names:
             try:
