@@ -21,7 +21,7 @@ from qvera.core.attach import (
     attach_vera,
     trainable_summary,
 )
-from qvera.core.base import load_base
+from qvera.core.base import load_base, resolve_model_path
 from qvera.core.hardware import compute_dtype
 from qvera.training.data import (
     load_conversations,
@@ -127,9 +127,11 @@ class SFTResult:
 
 
 def build_trainer(recipe: SFTRecipe, log=print):
-    """Validate everything cheap first (the recipe, the data, the compute dtype, the output
-    folder), then load the model; a start that fails removes the output folder if it created it."""
+    """Validate everything cheap first (the recipe, where the base comes from, the data, the
+    compute dtype, the output folder), then load the model; a start that fails removes the
+    output folder if it created it."""
     check_recipe(recipe)
+    resolve_model_path(recipe.model.name)  # a base that cannot load fails before the data is read
     train_convs, eval_convs = load_conversations(recipe.data, recipe.train.seed)
     compute_dtype(recipe.model.compute_dtype)  # an impossible dtype fails here, before any loading
     created = first_missing_folder(recipe.train.output_dir)

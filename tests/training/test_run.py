@@ -216,11 +216,12 @@ def test_bad_setups_fail_before_the_model_loads(tiny_llama_dir, tmp_path, monkey
     with pytest.raises(ValueError, match="vera.rank must be at least 1, got 0"):
         build_trainer(replace(recipe, vera=replace(recipe.vera, rank=0)))
     assert not (tmp_path / "run").exists()  # no failed start left a folder behind
-    monkeypatch.undo()
+    monkeypatch.setattr(qvera.training.run, "load_conversations", no_model)  # nor the data read
     nested = replace(recipe.train, output_dir=str(tmp_path / "runs" / "run"))
     with pytest.raises(FileNotFoundError, match="cannot load model"):
         build_trainer(replace(recipe, model=replace(recipe.model, name=str(tmp_path / "no-model")), train=nested))
-    assert not (tmp_path / "runs").exists()  # created by the failed start, so removed with it
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.undo()
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=f"cannot load model .*: the folder {tmp_path / 'empty'} has no config"):
         build_trainer(replace(recipe, model=replace(recipe.model, name=str(tmp_path / "empty")), train=nested))
