@@ -40,11 +40,17 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
-    convs = load_examples(args.dataset, args.limit, args.seed)
+    for name in ("max_length", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    try:  # the data first: a bad file fails in a second, not after the base has loaded
+        convs = load_examples(args.dataset, args.limit, args.seed)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     base = ModelConfig(name=args.model, quantization=args.quantization, compute_dtype=args.compute_dtype)
     try:
         model, tokenizer = load_adapted(base, args.adapter)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         sys.exit(f"eval.py: error: {err}")
     report = {
         "model": args.model,

