@@ -7,6 +7,7 @@ continuous batching: a request joins the running batch at the next step, whateve
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -68,16 +69,8 @@ def main() -> None:
 
     # Everything checkable without the base is checked before it loads (minutes for 7B).
     try:
-        options = ServeOptions(
-            max_resident=args.max_resident,
-            max_batch_size=args.max_batch_size,
-            prefill_tokens=args.prefill_tokens,
-            api_key=args.api_key,
-            max_body_bytes=args.max_body_bytes,
-            request_timeout=args.request_timeout,
-            defaults=Sampling(args.temperature, args.top_p, args.max_tokens),
-            batch_invariant=args.batch_invariant,
-        )
+        flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions) if hasattr(args, f.name)}
+        options = ServeOptions(**flags, defaults=Sampling(args.temperature, args.top_p, args.max_tokens))
         adapter_folders(args.adapters)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
