@@ -183,9 +183,9 @@ class AddVeraDelta(torch.autograd.Function):
 
 def add_scaled(base: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """base + v * b, the product in v's dtype, the sum in base's. Every unfolded path adds VeRA's
-    output this way (training, decoding, mixed batches), so they agree bit for bit. Two exactly
-    rounded operations, not one `addcmul`: with it, two identical requests served side by side
-    on a CPU came out with different sampled replies, a row's numbers moving with the batch."""
+    output this way (training, decoding, mixed batches), so they agree bit for bit. Not one
+    `addcmul` (one rounding): with it, a same-seed server test's twin requests sampled apart
+    (BENCHMARKS.md), and every number qvera was checked with would change."""
     return base + cast(v * b, base.dtype)
 
 
