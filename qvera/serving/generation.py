@@ -17,8 +17,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from qvera.adapters.fit import check_fits
-from qvera.adapters.format import read_adapter
-from qvera.adapters.loading import attach_adapter
+from qvera.adapters.loading import attach_adapter, read_any
 from qvera.core.attach import vera_layers
 from qvera.serving.bank import AdapterBank
 from qvera.serving.invariance import generation_numerics
@@ -218,12 +217,13 @@ def reply_batch(
     sampling: Sampling = GREEDY,
     batch_invariant: bool = False,
 ) -> list[str]:
-    """Answer each prompt with its own adapter folder (None: the base), all in one mixed batch."""
+    """Answer each prompt with its own adapter folder (None: the base), all in one mixed batch.
+    A folder holds a qvera adapter or a peft VeRA one."""
     if len(adapter_folders) != len(prompts):
         raise ValueError(
             f"got {len(adapter_folders)} adapters for {len(prompts)} prompts; give one per prompt (or `none`)"
         )
-    adapters = {folder: read_adapter(folder) for folder in adapter_folders if folder is not None}
+    adapters = {folder: read_any(folder, model) for folder in adapter_folders if folder is not None}
     if adapters and not vera_layers(model):
         attach_adapter(model, next(iter(adapters.values())))  # A and B as the adapters were trained
     conversations = [
@@ -253,12 +253,13 @@ class Chat:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
 
     def use_adapter(self, folder: str | None) -> None:
-        """Answer with the adapter in `folder` from now on (None: the bare base); the history stays."""
+        """Answer with the adapter in `folder` (qvera's or peft's VeRA) from now on (None: the bare
+        base); the history stays."""
         if folder is None:
             if vera_layers(self.model):
                 AdapterBank(self.model).activate(None)
         else:
-            attach_adapter(self.model, folder)
+            attach_adapter(self.model, read_any(folder, self.model))
         self.adapter = folder
 
     def command(self, line: str) -> str:

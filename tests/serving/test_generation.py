@@ -10,7 +10,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
-from qvera.adapters.format import save_adapter
+from qvera.adapters.format import read_adapter, save_adapter
+from qvera.adapters.peft_interop import export_peft
 from qvera.core.attach import vector_state
 from qvera.serving.bank import AdapterBank
 from qvera.serving.generation import (
@@ -340,6 +341,11 @@ def test_chat_switches_adapters_by_folder(fp32_setup, tiny_fp32_dir, tmp_path):
     chat.reset()
     assert "".join(chat.reply("Hi")) == plain != with_a
     assert chat.command(f"/adapter {tmp_path / 'missing'}").startswith("adapter not changed: adapter folder")
+    export_peft(read_adapter(tmp_path / "a"), tmp_path / "a-peft")  # the same adapter in peft's format
+    assert chat.command(f"/adapter {tmp_path / 'a-peft'}") == f"now answering with {tmp_path / 'a-peft'}"
+    chat.reset()
+    assert "".join(chat.reply("Hi")) == with_a
+    chat.command("/adapter none")
     assert chat.command("/reset") == "history cleared" and chat.messages == []
     assert chat.command("/help").startswith("unknown command '/help'; commands: /reset")
 
@@ -380,6 +386,9 @@ def test_chat_script_answers_a_batch_with_one_adapter_per_prompt(fp32_setup, tin
     folders = [None if n is None else str(tmp_path / n) for n in names]
     fresh, _ = load_base(ModelConfig(name=tiny_fp32_dir, quantization="fp32"))
     assert reply_batch(fresh, tokenizer, prompts, folders, sampling=Sampling(0.0, 1.0, 4)) == expected
+    export_peft(read_adapter(tmp_path / "b"), tmp_path / "b-peft")  # peft's format, read as qvera's
+    with_peft = [*folders[:2], str(tmp_path / "b-peft")]
+    assert reply_batch(fresh, tokenizer, prompts, with_peft, sampling=Sampling(0.0, 1.0, 4)) == expected
     with pytest.raises(ValueError, match="got 1 adapters for 3 prompts"):
         reply_batch(fresh, tokenizer, prompts, folders[:1])
 
