@@ -1,9 +1,10 @@
 """The adapters folder behind a server: which adapters this base can serve, and which stay
 resident.
 
-Every sub-folder is read and checked against the base once (again when its description
-changes), so `/v1/models` lists only adapters that load here; hidden folders (leftovers of
-interrupted writes) and unservable ones are skipped with one warning line. At most
+Every sub-folder holding a qvera adapter or a peft VeRA one is read and checked against the
+base once (again when its description changes), so `/v1/models` lists only adapters that load
+here; hidden folders (leftovers of interrupted writes) and unservable ones (a peft LoRA among
+them) are skipped with one warning line. At most
 `max_resident` adapters stay in memory, the least recently used leaving first, but never one
 that a running request holds (`acquire` / `release`).
 """
@@ -20,13 +21,20 @@ from pathlib import Path
 from torch import nn
 
 from qvera.adapters.fit import check_fits
-from qvera.adapters.format import CONFIG_FILE, Adapter, read_adapter
+from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, Adapter
+from qvera.adapters.loading import read_any
 from qvera.core.attach import PROJECTIONS_ATTR, attach_vera
 from qvera.core.config import VeraConfig
 from qvera.serving.bank import AdapterBank
 from qvera.serving.openai_schema import RequestError
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^/\s,;:()'\"]+)+")
+DESCRIPTIONS = (CONFIG_FILE, PEFT_CONFIG_FILE)  # a qvera adapter's, a peft adapter's (VeRA is read)
+
+
+def description(folder: Path) -> Path | None:
+    """The file that makes `folder` an adapter: qvera's description, else peft's config."""
+    return next((folder / name for name in DESCRIPTIONS if (folder / name).is_file()), None)
 
 
 def adapter_folders(folder: str | Path, *, at_least_one: bool = True) -> list[str]:
@@ -36,7 +44,7 @@ def adapter_folders(folder: str | Path, *, at_least_one: bool = True) -> list[st
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapters folder {folder} does not exist; create it and save adapters into it")
-    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and description(p))
     if at_least_one and not names:
         raise ValueError(f"{folder} holds no adapter; save one there with qvera.adapters.save_adapter")
     return names
@@ -71,7 +79,7 @@ class AdapterStore:
     def check(self, name: str) -> None:
         """Raise the RequestError a request naming this adapter gets, if any."""
         with self.lock:
-            if name.startswith(".") or "/" in name or "\\" in name or not (self.folder / name / CONFIG_FILE).is_file():
+            if name.startswith(".") or "/" in name or "\\" in name or not description(self.folder / name):
                 known = [n for n in self._visible() if self._verdict(n) is None]
                 raise RequestError(
                     404,
@@ -120,14 +128,14 @@ class AdapterStore:
         for path in sorted(self.folder.iterdir()):
             if path.name.startswith("."):
                 skipped.append((path.name, "hidden: a leftover of an interrupted write?"))
-            elif path.is_dir() and not (path / CONFIG_FILE).is_file():
-                skipped.append((path.name, f"no {CONFIG_FILE}"))
+            elif path.is_dir() and not description(path):
+                skipped.append((path.name, f"no {CONFIG_FILE} (nor peft's {PEFT_CONFIG_FILE})"))
         return skipped
 
     def _stamp(self, name: str) -> int:
         try:
-            return (self.folder / name / CONFIG_FILE).stat().st_mtime_ns
-        except OSError:
+            return description(self.folder / name).stat().st_mtime_ns
+        except (OSError, AttributeError):  # gone, or no description any more
             return -1
 
     def _verdict(self, name: str, warn: bool = False) -> str | None:
@@ -146,7 +154,7 @@ class AdapterStore:
     def _read(self, name: str) -> Adapter:
         path = self.folder / name
         try:
-            adapter = read_adapter(path)
+            adapter = read_any(path, self.model)
             check_fits(adapter, self.model, source=name)
             return adapter
         except (ValueError, OSError) as err:

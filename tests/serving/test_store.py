@@ -3,9 +3,12 @@ import shutil
 import pytest
 import torch
 from conftest import save_tiny_llama
+from peft import LoraConfig, get_peft_model
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters import save_adapter
+from qvera.adapters.format import read_adapter
+from qvera.adapters.peft_interop import export_peft
 from qvera.serving.openai_schema import RequestError
 from qvera.serving.store import AdapterStore
 
@@ -64,3 +67,18 @@ def test_store_needs_a_folder_with_an_adapter(tmp_path, tiny_llama_dir):
         AdapterStore(model, tmp_path / "missing")
     with pytest.raises(ValueError, match="holds no adapter; save one there"):
         AdapterStore(model, tmp_path)
+
+
+def test_store_serves_a_peft_vera_folder_and_names_why_it_skips_a_lora_one(folder_and_base):
+    folder, base = folder_and_base
+    export_peft(read_adapter(folder / "one"), folder / "one-peft")  # "one" as peft saves it
+    lora_base, _ = load_base(ModelConfig(name=base, quantization="fp32"))
+    get_peft_model(lora_base, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(folder / "lora"))
+    model, _ = load_base(ModelConfig(name=base, quantization="fp32"))
+    lines = []
+    store = AdapterStore(model, folder, max_resident=4, log=lines.append)
+    assert store.servable() == ["one", "one-peft", "two"]
+    assert "lora (lora is a LORA adapter, not VeRA; qvera reads VeRA adapters only)" in lines[0]
+    assert store.acquire("one") and store.acquire("one-peft")
+    one, one_peft = store.bank.adapters["one"], store.bank.adapters["one-peft"]
+    assert one.keys() == one_peft.keys() and all(torch.equal(one[k], one_peft[k]) for k in one)
