@@ -195,7 +195,7 @@ def _token_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _scaled_factors(lambda_d, lambda_b, A, B):
     """(Λb B, Λd A): scaling the rows of B and A costs less than forming Λb B Λd."""
-    return B * lambda_b.to(B.dtype)[:, None], A * lambda_d.to(A.dtype)[:, None]
+    return B * cast(lambda_b, B.dtype)[:, None], A * cast(lambda_d, A.dtype)[:, None]
 
 
 def delta_weight(lambda_d, lambda_b, A, B) -> torch.Tensor:
@@ -227,8 +227,9 @@ class FoldedVeraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ax, lambda_d, lambda_b, base_weight, bias, A, B, norms=False):
         ctx.base_weight, ctx.A, ctx.B = base_weight, A, B
-        ctx.save_for_backward(ax, lambda_d, lambda_b)
-        weight = folded_weight(base_weight(), lambda_d, lambda_b, A, B)
+        d, b = cast(lambda_d, A.dtype), cast(lambda_b, B.dtype)  # cast once, kept for the backward
+        ctx.save_for_backward(ax, lambda_d, lambda_b, d, b)
+        weight = folded_weight(base_weight(), d, b, A, B)
         out = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
         if not norms:
             return out
@@ -238,8 +239,8 @@ class FoldedVeraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_norm=None):
-        ax, lambda_d, lambda_b = ctx.saved_tensors
-        grad_x = grad_out @ folded_weight(ctx.base_weight(), lambda_d, lambda_b, ctx.A, ctx.B)
+        ax, lambda_d, lambda_b, d, b = ctx.saved_tensors
+        grad_x = grad_out @ folded_weight(ctx.base_weight(), d, b, ctx.A, ctx.B)
         grad_d, grad_b = _vector_grads(grad_out, ax, lambda_d, lambda_b, ctx.B)
         return grad_x, None, grad_d, grad_b, None, None, None, None, None
 
