@@ -133,9 +133,11 @@ class AdapterStore:
         return skipped
 
     def _stamp(self, name: str) -> int:
+        """When the adapter last changed: its newest file. qvera replaces a folder whole, but peft
+        rewrites its config and its vectors in place, one after the other."""
         try:
-            return description(self.folder / name).stat().st_mtime_ns
-        except (OSError, AttributeError):  # gone, or no description any more
+            return max(path.stat().st_mtime_ns for path in (self.folder / name).iterdir() if path.is_file())
+        except (OSError, ValueError):  # gone, or empty
             return -1
 
     def _verdict(self, name: str, warn: bool = False) -> str | None:

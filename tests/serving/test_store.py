@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import pytest
@@ -7,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters import save_adapter
-from qvera.adapters.format import read_adapter
+from qvera.adapters.format import Adapter, read_adapter
 from qvera.adapters.peft_interop import export_peft
 from qvera.serving.openai_schema import RequestError
 from qvera.serving.store import AdapterStore
@@ -82,3 +83,21 @@ def test_store_serves_a_peft_vera_folder_and_names_why_it_skips_a_lora_one(folde
     assert store.acquire("one") and store.acquire("one-peft")
     one, one_peft = store.bank.adapters["one"], store.bank.adapters["one-peft"]
     assert one.keys() == one_peft.keys() and all(torch.equal(one[k], one_peft[k]) for k in one)
+
+
+def test_a_peft_folder_rewritten_in_place_is_read_again(folder_and_base, tmp_path):
+    folder, base = folder_and_base
+    one = read_adapter(folder / "one")
+    export_peft(one, folder / "mine")
+    model, _ = load_base(ModelConfig(name=base, quantization="fp32"))
+    store = AdapterStore(model, folder, max_resident=4, log=lambda line: None)
+    assert store.acquire("mine")
+    store.release("mine")
+    retrained = Adapter(one.config, {name: value + 1 for name, value in one.vectors.items()})
+    export_peft(retrained, tmp_path / "retrained")
+    vectors = folder / "mine" / "adapter_model.safetensors"
+    shutil.copyfile(tmp_path / "retrained" / "adapter_model.safetensors", vectors)  # its config is untouched
+    os.utime(vectors, ns=(vectors.stat().st_atime_ns, vectors.stat().st_mtime_ns + 10**9))
+    assert store.acquire("mine")
+    served = store.bank.adapters["mine"]
+    assert all(torch.allclose(served[k], retrained.vectors[k].to(served[k].dtype)) for k in retrained.vectors)
