@@ -2,7 +2,7 @@
 resident.
 
 Every sub-folder holding a qvera adapter or a peft VeRA one is read and checked against the
-base once (again when its description changes), so `/v1/models` lists only adapters that load
+base once (again when one of its files changes), so `/v1/models` lists only adapters that load
 here; hidden folders (leftovers of interrupted writes) and unservable ones (a peft LoRA among
 them) are skipped with one warning line. At most
 `max_resident` adapters stay in memory, the least recently used leaving first, but never one
@@ -56,7 +56,7 @@ class AdapterStore:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         names = adapter_folders(self.folder, at_least_one=not hasattr(model, PROJECTIONS_ATTR))
         self.lock = threading.Lock()
-        self.verdicts: dict[str, tuple[int, str | None]] = {}  # name -> (description's mtime, why unservable)
+        self.verdicts: dict[str, tuple[int, str | None]] = {}  # name -> (newest file's mtime, why unservable)
         self.pins: Counter[str] = Counter()
         self.loaded_stamps: dict[str, int] = {}
         if not hasattr(model, PROJECTIONS_ATTR):
