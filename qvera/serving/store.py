@@ -4,9 +4,9 @@ resident.
 Every sub-folder holding a qvera adapter or a peft VeRA one is read and checked against the
 base once (again when one of its files changes), so `/v1/models` lists only adapters that load
 here; hidden folders (leftovers of interrupted writes) and unservable ones (a peft LoRA among
-them) are skipped with one warning line. At most
-`max_resident` adapters stay in memory, the least recently used leaving first, but never one
-that a running request holds (`acquire` / `release`).
+them) are skipped with one warning line. At most `max_resident` adapters stay in memory, the
+least recently used leaving first, but never one that a running request holds (`acquire` /
+`release`).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class AdapterStore:
             return -1
 
     def _verdict(self, name: str, warn: bool = False) -> str | None:
-        """Why the adapter cannot be served here (None: it can), read once per description."""
+        """Why the adapter cannot be served here (None: it can), read once per version of its files."""
         stamp = self._stamp(name)
         if self.verdicts.get(name, (None,))[0] != stamp:
             try:
