@@ -90,7 +90,8 @@ def main() -> None:
     except (ValueError, FileNotFoundError, NotImplementedError, OSError) as err:
         sys.exit(f"error: {err}")
     print(
-        f"serving {server.base_name} and the adapters in {args.adapters} at http://{args.host}:{args.port}/v1",
+        f"serving {server.base_name} and the adapters in {args.adapters} at "
+        f"http://{args.host}:{sock.getsockname()[1]}/v1",  # the port taken, for --port 0 too
         flush=True,
     )
     server.serve(sock)

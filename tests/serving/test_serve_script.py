@@ -1,6 +1,7 @@
 """scripts/serve.py and scripts/chat.py refuse what they can check without the base before it
 loads (minutes for a 7B model), in one line; serve.py then serves on the port it took first."""
 
+import select
 import socket
 import subprocess
 import sys
@@ -80,22 +81,25 @@ def test_chat_refuses_an_adapter_of_another_base_before_loading_it(adapters, tmp
 
 def test_serve_answers_on_the_port_it_took_before_loading(adapters):
     base, folder = adapters
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]  # free a moment ago
     command = [sys.executable, str(SCRIPTS / "serve.py"), "--model", base, "--quantization", "fp32"]
     server = subprocess.Popen(
-        [*command, "--adapters", str(folder), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*command, "--adapters", str(folder), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 120
+        ready, _, _ = select.select([server.stdout], [], [], 120)
+        assert ready, "serve.py printed nothing in 120 s"
+        line = server.stdout.readline()
+        assert line.startswith("serving ") and " at http://127.0.0.1:" in line, server.stderr.read()
+        url = line.split(" at ", 1)[1].strip()
+        assert not url.endswith(":0/v1")  # the port the system gave, not the one asked for
+        deadline = time.monotonic() + 60
         while True:
-            assert server.poll() is None, server.stderr.read().decode()
-            assert time.monotonic() < deadline, "the server did not answer"
             try:
-                reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                reply = httpx.get(f"{url}/models", timeout=5)
                 break
-            except httpx.TransportError:  # refused while the base loads: bound, not yet listening
-                time.sleep(0.2)
+            except httpx.TransportError:  # bound, not yet listening
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.1)
         assert reply.status_code == 200
         assert "alpha" in [entry["id"] for entry in reply.json()["data"]]
     finally:
