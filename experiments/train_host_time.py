@@ -11,6 +11,8 @@ On a GPU (`--device cuda`) the same run times the launches themselves, which che
 Per variant: the median host time of a step (every model resident, one step of each in turn)
 and the number of operators the step dispatches, views left out. The count is exact and
 repeatable; each one is a kernel launch on a GPU. Both minus the floor's are the adapter's own.
+bf16 always, as on a GPU, so the casts a GPU makes are counted: on a CPU without native bf16
+the times come out slow, the counts the same.
 To compare two versions of qvera, run this file with each on PYTHONPATH, alternating:
 
     PYTHONPATH=path/to/qvera python experiments/train_host_time.py
