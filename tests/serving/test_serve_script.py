@@ -15,6 +15,7 @@ from conftest import refused_before_loading, save_tiny_llama
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters import save_adapter
+from qvera.serving.app import bind_address
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"  # serve.py run as a user runs it
 
@@ -105,3 +106,10 @@ def test_serve_answers_on_the_port_it_took_before_loading(adapters):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_bind_address_binds_a_host_as_uvicorn_does():
+    with bind_address("localhost", 0) as sock:  # a name: IPv4, as uvicorn binds it
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"
+    with pytest.raises(ValueError, match="port 70000 is outside 0-65535"):
+        bind_address("127.0.0.1", 70000)
