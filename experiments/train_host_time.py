@@ -72,25 +72,23 @@ def main(argv=None) -> None:
     else:
         cpu = (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
         machine = f"{next(cpu, '?')}, 1 thread"
+    rows = [
+        dict(variant=v, step_ms=round(statistics.median(times[v]) * 1e3, 2), operators=sum(operators[v].values()))
+        for v in args.variants
+    ]
     print(f"{machine}, torch {torch.__version__}, random:deep-narrow, 1 x {args.seq} tokens", end="")
     print(f", medians of {args.rounds}")
-    floor = args.variants[0] if args.variants[0] == "floor" else None
+    floor = rows[0] if rows[0]["variant"] == "floor" else None
     header = f"  {'variant':14} {'ms a step':>10} {'operators':>10}"
     print(header + ("  above the floor: ms, operators" if floor else ""))
-    for variant in args.variants:
-        ms, count = statistics.median(times[variant]) * 1e3, sum(operators[variant].values())
-        line = f"  {variant:14} {ms:10.1f} {count:10d}"
-        if floor and variant != floor:
-            floor_ms = statistics.median(times[floor]) * 1e3
-            line += f"  {ms - floor_ms:+8.1f} {count - sum(operators[floor].values()):+8d}"
+    for row in rows:
+        line = f"  {row['variant']:14} {row['step_ms']:10.1f} {row['operators']:10d}"
+        if floor and row is not floor:
+            line += f"  {row['step_ms'] - floor['step_ms']:+8.1f} {row['operators'] - floor['operators']:+8d}"
         print(line)
         if args.top:
-            print("    " + ", ".join(f"{name} {n}" for name, n in operators[variant].most_common(args.top)))
+            print("    " + ", ".join(f"{name} {n}" for name, n in operators[row["variant"]].most_common(args.top)))
     if args.json:
-        rows = [
-            dict(variant=v, step_ms=round(statistics.median(times[v]) * 1e3, 2), operators=sum(operators[v].values()))
-            for v in args.variants
-        ]
         report = dict(machine=machine, torch=torch.__version__, seq=args.seq, rows=rows)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 

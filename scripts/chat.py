@@ -13,7 +13,7 @@ import json
 import sys
 
 from qvera import ModelConfig, load_base
-from qvera.adapters.loading import check_adapters
+from qvera.adapters.loading import read_adapters_for
 from qvera.core.hardware import COMPUTE_DTYPES
 from qvera.serving.generation import Chat, Sampling, reply_batch
 
@@ -60,7 +60,7 @@ def main() -> None:
         )
     base = ModelConfig(name=args.model, quantization=args.quantization, compute_dtype=args.compute_dtype)
     try:
-        check_adapters(base, sorted({name for name in args.adapter if name != "none"}))
+        read_adapters_for(base, sorted({name for name in args.adapter if name != "none"}))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))  # before the base's weights load
     try:

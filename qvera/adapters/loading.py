@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qvera.adapters.fit import check_fits
-from qvera.adapters.format import PEFT_CONFIG_FILE, Adapter, read_adapter
+from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, Adapter, read_adapter
 from qvera.adapters.peft_interop import import_peft, peft_type
 from qvera.core.attach import PROJECTIONS_ATTR, attach_vera, load_vector_state
 from qvera.core.base import load_base, resolve_model_path
@@ -44,21 +44,26 @@ def meta_base(name: str, revision: str | None = None) -> nn.Module:
     return model
 
 
-def check_adapters(base: ModelConfig | str, folders) -> None:
+def read_adapters_for(base: ModelConfig | str, folders) -> list[Adapter]:
     """Read each qvera or peft VeRA adapter folder and check that it fits the base, from the
     base's config alone: a wrong folder fails in seconds, not after the weights have loaded
     (minutes for a 7B base). Raises what loading would: FileNotFoundError or ValueError."""
     base = base if isinstance(base, ModelConfig) else ModelConfig(name=base)
-    model = None
+    folders = [Path(folder) for folder in folders]
     for folder in folders:
-        _require_folder(Path(folder))
-        model = model or meta_base(base.name, base.revision)
-        read_any(folder, model)
+        _require_folder(folder)
+    model = meta_base(base.name, base.revision) if folders else None
+    return [read_any(folder, model) for folder in folders]
 
 
 def _require_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the folder a training run saved")
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """Whether `folder` holds a qvera adapter or a peft one (`read_any` tells VeRA from the rest)."""
+    return (folder / CONFIG_FILE).is_file() or (folder / PEFT_CONFIG_FILE).is_file()
 
 
 def read_any(folder: str | Path, model: nn.Module | None = None) -> Adapter:
@@ -96,11 +101,11 @@ def load_adapted(base: ModelConfig | str | None, adapter: str | Path | None = No
     if not base.name:
         raise ValueError(f"{folder} does not name its base model; pass the base's name or folder")
     if folder is not None and not foreign:
-        check_adapters(base, [folder])
+        (adapter,) = read_adapters_for(base, [folder])  # checked before the weights load
     model, tokenizer = load_base(base)
     if folder is None:
         return model, tokenizer
     if foreign:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable), tokenizer
-    attach_adapter(model, read_any(folder, model))
+    attach_adapter(model, adapter)
     return model, tokenizer

@@ -22,19 +22,13 @@ from torch import nn
 
 from qvera.adapters.fit import check_fits
 from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, Adapter
-from qvera.adapters.loading import read_any
+from qvera.adapters.loading import is_adapter_folder, read_any
 from qvera.core.attach import PROJECTIONS_ATTR, attach_vera
 from qvera.core.config import VeraConfig
 from qvera.serving.bank import AdapterBank
 from qvera.serving.openai_schema import RequestError
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^/\s,;:()'\"]+)+")
-DESCRIPTIONS = (CONFIG_FILE, PEFT_CONFIG_FILE)  # a qvera adapter's, a peft adapter's (VeRA is read)
-
-
-def description(folder: Path) -> Path | None:
-    """The file that makes `folder` an adapter: qvera's description, else peft's config."""
-    return next((folder / name for name in DESCRIPTIONS if (folder / name).is_file()), None)
 
 
 def adapter_folders(folder: str | Path, *, at_least_one: bool = True) -> list[str]:
@@ -44,7 +38,7 @@ def adapter_folders(folder: str | Path, *, at_least_one: bool = True) -> list[st
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapters folder {folder} does not exist; create it and save adapters into it")
-    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and description(p))
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and is_adapter_folder(p))
     if at_least_one and not names:
         raise ValueError(f"{folder} holds no adapter; save one there with qvera.adapters.save_adapter")
     return names
@@ -79,7 +73,7 @@ class AdapterStore:
     def check(self, name: str) -> None:
         """Raise the RequestError a request naming this adapter gets, if any."""
         with self.lock:
-            if name.startswith(".") or "/" in name or "\\" in name or not description(self.folder / name):
+            if name.startswith(".") or "/" in name or "\\" in name or not is_adapter_folder(self.folder / name):
                 known = [n for n in self._visible() if self._verdict(n) is None]
                 raise RequestError(
                     404,
@@ -128,7 +122,7 @@ class AdapterStore:
         for path in sorted(self.folder.iterdir()):
             if path.name.startswith("."):
                 skipped.append((path.name, "hidden: a leftover of an interrupted write?"))
-            elif path.is_dir() and not description(path):
+            elif path.is_dir() and not is_adapter_folder(path):
                 skipped.append((path.name, f"no {CONFIG_FILE} (nor peft's {PEFT_CONFIG_FILE})"))
         return skipped
 
