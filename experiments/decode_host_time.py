@@ -9,7 +9,8 @@ is negligible, that same work is what a step costs, so this measures it without 
 - one VeRA layer (64 x 64, r=64, bf16) at one token, gradients off, and its base linear alone;
 - a decode step of a 32-layer Llama with hidden size 64 (about a 7B model's layer count):
   the bare base and with a qvera adapter at batch 1, a mixed batch of 32 rows (16 with an
-  adapter, 16 on the base), through `decode_steps`.
+  adapter, 16 on the base), through `decode_steps`. fp32 by default; `--dtype bfloat16` runs
+  it as a GPU does, the fp32 vectors cast to the model's dtype.
 
 Medians over alternating repeats, one thread. To compare two versions of qvera, run this file
 with each on PYTHONPATH, alternating:
@@ -63,7 +64,7 @@ def vera_layer():
     return base, layer
 
 
-def toy_llama():
+def toy_llama(dtype: torch.dtype = torch.float32):
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -75,7 +76,7 @@ def toy_llama():
         eos_token_id=1,
         pad_token_id=2,
     )
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype).eval()
 
 
 def step_ms(model, rows: int, context=None, new_tokens: int = 24) -> float:
@@ -93,6 +94,12 @@ def step_ms(model, rows: int, context=None, new_tokens: int = 24) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the toy Llama's dtype; in bfloat16 the fp32 vectors are cast as on a GPU (default: %(default)s)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -103,8 +110,8 @@ def main() -> None:
 
     attention = {rows: row_attention_inputs(rows) for rows in (1, 8, 32)}
     base, layer = vera_layer()
-    model = toy_llama()
-    adapted = toy_llama()
+    model = toy_llama(getattr(torch, args.dtype))
+    adapted = toy_llama(getattr(torch, args.dtype))
     attach_vera(adapted, VeraConfig(rank=64))
     bank = AdapterBank(adapted)
     bank.add("a", {name: value + 0.01 for name, value in vector_state(adapted).items()})
@@ -124,7 +131,7 @@ def main() -> None:
             record("qvera adapter, batch 1 (ms a step)", step_ms(adapted, 1))
             record("qvera mixed, 32 rows (ms a step)", step_ms(adapted, 32, bank.mixed_batch(["a", None] * 16)))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, torch {torch.__version__}, 1 thread, medians of {args.repeats}")
+    print(f"{cpu}, torch {torch.__version__}, 1 thread, toy Llama in {args.dtype}, medians of {args.repeats}")
     for label, values in results.items():
         print(f"  {label:40} {statistics.median(values):9.1f}")
 

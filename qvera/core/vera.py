@@ -133,7 +133,10 @@ class SharedProjections(nn.Module):
 
 
 class ProjectDown(torch.autograd.Function):
-    """`A x` saving nothing: A is frozen, and the input gradient needs only A."""
+    """`A x` saving nothing: A is frozen, and the input gradient needs only A. F.linear would
+    save A, and then a layer reading a checkpointed block's own input (post-norm models), which
+    reuses its cached `A x` when checkpointing replays the block, would save one tensor fewer
+    in the replay than in the forward: checkpointing refuses that."""
 
     @staticmethod
     def forward(ctx, x, A):
@@ -331,7 +334,7 @@ class VeraLinear(nn.Module):
                 def weight():  # dequantized in the forward and again in the backward, never kept
                     return dequantized_weight(self.base_layer, dtype)
 
-                ax, bias = projections.project(x_c, A), self.base_layer.bias
+                ax, bias = projections.project(x, A), self.base_layer.bias
                 if not magnitude:
                     return FoldedVeraLinear.apply(x_c, ax, lambda_d, lambda_b, weight, bias, A, B)
                 out, norms = FoldedVeraLinear.apply(x_c, ax, lambda_d, lambda_b, weight, None, A, B, True)
@@ -339,7 +342,7 @@ class VeraLinear(nn.Module):
                 return out if bias is None else out + bias.to(dtype)
         base = self.base_layer(x)  # exactly as without VeRA, under the caller's autocast
         with autocast_off(x):
-            ax = projections.project(cast(x, dtype), A)
+            ax = projections.project(x, A)  # cast there, once for all the layers that read x
             scale = None
             if self.row_vectors is None:
                 add_vera = AddVeraDelta.apply if torch.is_grad_enabled() else AddVeraDelta.inference

@@ -146,19 +146,38 @@ class AdapterBank:
                 gathered[layer_name] += (torch.stack(scales),)
         return gathered
 
-    @contextmanager
     def rows(self, gathered: dict[str, tuple[torch.Tensor, ...]]):
         """Within this context each batch row runs with the vectors `gather` stacked for it."""
-        try:
-            for layer_name, layer in self.layers.items():
-                layer.row_vectors = gathered[layer_name]
-            yield
-        finally:
-            for layer in self.layers.values():
-                layer.row_vectors = None
+        return running_rows(self.layers, gathered)
 
     @contextmanager
     def mixed_batch(self, row_adapters: list[str | None]):
         """Within this context each batch row runs with its own adapter (None: the base)."""
         with self.rows(self.gather(row_adapters)):
             yield
+
+
+@contextmanager
+def running_rows(layers: dict[str, nn.Module], gathered: dict[str, tuple[torch.Tensor, ...]]):
+    """Within this context each layer runs with the per-row vectors in `gathered`."""
+    try:
+        for layer_name, layer in layers.items():
+            layer.row_vectors = gathered[layer_name]
+        yield
+    finally:
+        for layer in layers.values():
+            layer.row_vectors = None
+
+
+def own_vectors_as_rows(layers: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The layers' own vectors as one row that every batch row shares, cast to `dtype` now:
+    decoding with them as they are casts d and b in every layer at every token (448 casts a
+    7B step, each a kernel launch the host waits for on a GPU). The numbers are the same."""
+    rows = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            d, b = layer.lambda_d.float(), layer.lambda_b.float()
+            rows[name] = (d.to(dtype)[None], b.to(dtype)[None])
+            if layer.lambda_m is not None:  # DVoRA: the output scale the unfolded path applies
+                rows[name] += ((layer.lambda_m.float() / layer.adapted_norms(d, b))[None],)
+    return rows

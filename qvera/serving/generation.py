@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from qvera.adapters.fit import check_fits
 from qvera.adapters.loading import attach_adapter, read_any
 from qvera.core.attach import vera_layers
-from qvera.serving.bank import AdapterBank
+from qvera.serving.bank import AdapterBank, own_vectors_as_rows, running_rows
 from qvera.serving.invariance import generation_numerics
 from qvera.serving.last_logits import fold_last_position
 
@@ -116,7 +116,8 @@ def decode_steps(
 
     Attention always runs row by row, so padding never reaches a row's numbers; with
     `batch_invariant` the matrix products run on fixed row tiles too, and a row's logits are
-    bit for bit those of the same prompt alone, in every dtype (see `qvera.serving.invariance`)."""
+    bit for bit those of the same prompt alone, in every dtype (see `qvera.serving.invariance`).
+    The model's own VeRA vectors (no mixed batch around) are read once, at the start."""
     assert len(prompts) == len(sampling) and prompts and all(prompts), "one non-empty prompt per sampling"
     fold_last_position(model)
     device = model.get_input_embeddings().weight.device
@@ -136,8 +137,14 @@ def decode_steps(
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     cache = DynamicCache(config=model.config)
     step_inputs, step_positions = ids, positions
+    # Without a mixed batch's rows, the model's own vectors, cast once, run as every row's. Set
+    # around each forward only: a caller may stop iterating and then change or train them.
+    layers = vera_layers(model)
+    own_rows = None
+    if layers and all(layer.row_vectors is None for layer in layers.values()):
+        own_rows = own_vectors_as_rows(layers, model.get_input_embeddings().weight.dtype)
     for produced in range(1, int(budget.max()) + 1):
-        with generation_numerics(model, batch_invariant):
+        with generation_numerics(model, batch_invariant), running_rows(layers, own_rows) if own_rows else nullcontext():
             out = model(
                 input_ids=step_inputs,
                 attention_mask=mask,

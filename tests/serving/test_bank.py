@@ -16,7 +16,8 @@ from transformers import LlamaForCausalLM
 
 from qvera import VeraConfig, attach_vera
 from qvera.core.attach import vector_state, vera_layers
-from qvera.serving.bank import AdapterBank
+from qvera.core.vera import SharedProjections, VeraLinear
+from qvera.serving.bank import AdapterBank, own_vectors_as_rows, running_rows
 
 
 def random_state(model, seed):
@@ -176,3 +177,23 @@ def test_serving_benchmark_times_the_servers_batcher_in_both_modes(tiny_llama_di
     speed = report["decode_tokens_per_s"]
     assert set(speed) == {"default", "batch_invariant"} and all(v > 0 for v in speed.values())
     assert report["batch_invariant_over_default"] == pytest.approx(speed["batch_invariant"] / speed["default"])
+
+
+@pytest.mark.parametrize("magnitude", [False, True], ids=["VeRA", "DVoRA"])
+def test_a_layers_own_vectors_as_rows_give_its_numbers(magnitude):
+    """Decoding runs the model's own fp32 vectors as one bf16 row, cast once: bit for bit the
+    layer's own output, with DVoRA's output scale too."""
+    torch.manual_seed(9)
+    base_layer = torch.nn.Linear(24, 20).to(torch.bfloat16).requires_grad_(False)
+    layer = VeraLinear(base_layer, SharedProjections(16, 24, 20, seed=0), 0.1, fold=False, magnitude=magnitude)
+    with torch.no_grad():
+        for vector in (layer.lambda_d, layer.lambda_b):
+            vector.normal_()
+    x = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    layers = {"layer": layer}
+    with torch.no_grad():
+        own = layer(x)
+        with running_rows(layers, own_vectors_as_rows(layers, torch.bfloat16)):
+            as_rows = layer(x)
+    assert layer.row_vectors is None and torch.equal(as_rows, own)
+    assert (own - base_layer(x)).abs().max() > 0.1  # the vectors do change the output

@@ -9,10 +9,11 @@ from conftest import save_tiny_llama
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from experiments.profiling import OperatorCount
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters.format import read_adapter, save_adapter
 from qvera.adapters.peft_interop import export_peft
-from qvera.core.attach import vector_state
+from qvera.core.attach import vector_state, vera_layers
 from qvera.serving.bank import AdapterBank
 from qvera.serving.generation import (
     Chat,
@@ -400,3 +401,23 @@ def test_chat_script_answers_a_batch_with_one_adapter_per_prompt(fp32_setup, tin
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines == [{"prompt": p, "adapter": f, "reply": r} for p, f, r in zip(prompts, folders, expected)]
+
+
+def test_decoding_casts_the_models_own_vectors_once_and_leaves_no_rows_behind(smollm2_bf16_setup):
+    """With the model's own vectors (chat, one adapter at a time) a decode step casted d and b to
+    bf16 in every layer: 420 launches a step in SmolLM2, more than all the base's own casts. They
+    are now cast once a decode, set around each forward only, so a caller that stops iterating
+    leaves the layers as they were."""
+    model, tokenizer, bank = smollm2_bf16_setup
+    bank.activate("a")
+    layers = vera_layers(model)
+    prompt = chat_prompt(tokenizer, CONVERSATIONS[0])
+    steps = decode_steps(model, [prompt], [Sampling(0.0, 1.0, 6)], set(), tokenizer.pad_token_id)
+    next(steps)  # the prefill
+    with OperatorCount() as count:
+        for _ in range(4):
+            next(steps)
+    assert count.counts["_to_copy"] / 4 < 2 * len(layers) == 420
+    assert all(layer.row_vectors is None for layer in layers.values())
+    steps.close()
+    bank.activate(None)
