@@ -110,8 +110,8 @@ def main() -> None:
 
     attention = {rows: row_attention_inputs(rows) for rows in (1, 8, 32)}
     base, layer = vera_layer()
-    model = toy_llama(getattr(torch, args.dtype))
-    adapted = toy_llama(getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    model, adapted = toy_llama(dtype), toy_llama(dtype)
     attach_vera(adapted, VeraConfig(rank=64))
     bank = AdapterBank(adapted)
     bank.add("a", {name: value + 0.01 for name, value in vector_state(adapted).items()})

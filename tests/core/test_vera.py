@@ -128,7 +128,7 @@ def test_a_checkpointed_training_step_issues_few_operators_beyond_its_base_layer
         module.zero_grad(set_to_none=True)  # as the trainer leaves them between steps
         with torch.no_grad():
             for vector in (p for p in module.parameters() if p.requires_grad):
-                vector.add_(0.01)  # as the optimizer's update: the vectors' casts are stale
+                vector.add_(0.01)  # as the optimizer's update: the vectors must be cast again
         x = x0 * 1
         with OperatorCount() as count:
             checkpoint(module, x, use_reentrant=False).sum().backward()
@@ -149,8 +149,8 @@ def bf16_layer(seed: int) -> VeraLinear:
 @pytest.mark.parametrize("update", ["fused AdamW", "bitsandbytes 8-bit AdamW", ".data"])
 def test_every_forward_sees_the_vectors_however_they_were_updated(update):
     """Neither fused AdamW, bitsandbytes' optimizers nor a write through `.data` bumps a tensor's
-    version, so the vectors' casts may only be reused by checkpointing's replay, inside the
-    backward: each forward, with or without gradients, must see the update."""
+    version, so nothing may cache the vectors' casts by it: each forward, with or without
+    gradients, must see the update."""
     layer, x = bf16_layer(5), torch.randn(2, 5, 24, dtype=torch.bfloat16)
     optimizer = {
         "fused AdamW": lambda p: torch.optim.AdamW(p, lr=0.5, fused=True),
@@ -178,7 +178,7 @@ def test_every_forward_sees_the_vectors_however_they_were_updated(update):
 
 def test_a_layer_copies_after_a_training_forward():
     layer = bf16_layer(7)
-    layer(torch.randn(2, 5, 24, dtype=torch.bfloat16))  # with gradients on: the casts are not leaves
+    layer(torch.randn(2, 5, 24, dtype=torch.bfloat16))  # with gradients on: nothing kept may be a non-leaf
     torch.testing.assert_close(copy.deepcopy(layer).lambda_b, layer.lambda_b)
 
 
