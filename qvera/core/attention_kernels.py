@@ -5,12 +5,9 @@ attention first. cuDNN builds an execution plan for every new combination of bat
 length, key length and strides, and keeps each one for the life of the process (torch's
 `aten/src/ATen/native/cudnn/MHA.cpp`). Generation brings a new key length at every decode step,
 and row attention (`qvera.serving.invariance`) makes one call per row; an SFT run brings a new
-sequence length most steps. Measured on an H200 (torch 2.11, Llama-2-7B's 32 heads of 128): a
-new shape cost 83 ms a decode call and 151 ms a training call (forward and backward) against
-0.08 and 0.57 ms for flash attention, which was no slower on shapes already seen; a first mixed
-batch of 32 rows took 36 s to decode 32 tokens on an H100, and 5.5 s without cuDNN on the H200;
-an SFT-like run of new lengths trained 1.2-1.4x faster without it. Flash attention, then
-memory-efficient attention, then the math kernel, keep no state per shape.
+sequence length most steps. Each new shape then pays for a plan build, many times the cost of
+the call itself (BENCHMARKS.md). Flash attention, then memory-efficient attention, then the
+math kernel, keep no state per shape.
 
 The switch is process-wide in torch, so it is counted: it goes off when the first generation or
 training starts and comes back when the last one ends, whatever threads they run on. Setting

@@ -1,8 +1,8 @@
 """Which compute dtype the hardware runs well, decided once, from capabilities that tests inject.
 
 bf16 is fast only where the hardware has it: CUDA GPUs from Ampere on, and CPUs with AMX or
-AVX512-BF16. Elsewhere it is emulated (an AVX2 CPU ran bf16 matmuls 25x slower than fp32), so
-`auto` picks fp16 on older GPUs (T4, V100, RTX 20xx; the trainer adds loss scaling and the
+AVX512-BF16. Elsewhere it is emulated, many times slower than fp32, so `auto` picks fp16 on
+older GPUs (T4, V100, RTX 20xx; the trainer adds loss scaling and the
 vectors stay fp32) and fp32 on other CPUs. An explicit dtype wins, except bf16 on a GPU that
 cannot run it, which fails at start-up. fp16 on a CPU is allowed (it runs) but trains without
 loss scaling: meant for inference only.
