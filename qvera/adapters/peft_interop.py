@@ -28,6 +28,8 @@ from qvera.adapters.fit import (
     projections_fingerprint,
 )
 from qvera.adapters.format import Adapter, adapter_from_model
+from qvera.core.base import BUILTIN_SMOLLM2, resolve_model_path
+from qvera.core.random_base import is_random
 from qvera.core.vera import generate_projections
 
 PEFT_CONFIG = "adapter_config.json"
@@ -54,14 +56,7 @@ def export_peft(source: nn.Module | Adapter, folder: str | Path, *, save_project
         layer, _, which = key.rpartition(".")
         tensors[f"{PREFIX}{layer}.vera_{which}"] = value.float().contiguous()
     if save_projection:
-        a_shape, b_shape = projection_shapes(config["rank"], config["targets"])
-        A, B = generate_projections(config["rank"], a_shape[1], b_shape[0], config["seed"])
-        if config["projections"]["fingerprint"] not in (None, projections_fingerprint(A, B)):
-            raise ValueError(
-                f"the projections regenerated from seed {config['seed']} do not match the adapter's fingerprint; "
-                "this torch build draws other random numbers, so they cannot be saved for peft"
-            )
-        tensors["base_model.vera_A"], tensors["base_model.vera_B"] = A, B
+        tensors["base_model.vera_A"], tensors["base_model.vera_B"] = regenerated_projections(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns that save_projection=False relies on the seed: intended
         peft_config = PeftVeraConfig(
@@ -70,7 +65,7 @@ def export_peft(source: nn.Module | Adapter, folder: str | Path, *, save_project
             projection_prng_key=config["seed"],
             save_projection=save_projection,
             d_initial=config["d_initial"],
-            base_model_name_or_path=config["base_model"]["name"],
+            base_model_name_or_path=peft_base_name(config["base_model"]["name"]),
             revision=config["base_model"]["revision"],
             inference_mode=True,
         )
@@ -79,6 +74,28 @@ def export_peft(source: nn.Module | Adapter, folder: str | Path, *, save_project
         safetensors.torch.save_file(tensors, staging / PEFT_WEIGHTS, metadata={"format": "pt"})
         peft_config.save_pretrained(str(staging))
     return folder
+
+
+def regenerated_projections(config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B (fp32, at their widest) regenerated from an adapter description's seed, checked
+    against its fingerprint where it records one."""
+    a_shape, b_shape = projection_shapes(config["rank"], config["targets"])
+    A, B = generate_projections(config["rank"], a_shape[1], b_shape[0], config["seed"])
+    if config["projections"]["fingerprint"] not in (None, projections_fingerprint(A, B)):
+        raise ValueError(
+            f"the projections regenerated from seed {config['seed']} do not match the adapter's fingerprint; "
+            "this torch build draws other random numbers, so the adapter cannot be exported for peft"
+        )
+    return A, B
+
+
+def peft_base_name(name: str | None) -> str | None:
+    """What `base_model_name_or_path` says for peft: qvera's own names (the built-in
+    `smollm2-135m`, `random:...`) mean nothing to peft, so they become the local folder they
+    resolve to (converted once, under QVERA_CACHE); hub ids and folders stay as they are."""
+    if name == BUILTIN_SMOLLM2 or (name is not None and is_random(name)):
+        return str(Path(resolve_model_path(name)).resolve())
+    return name
 
 
 def import_peft(folder: str | Path, model: nn.Module | None = None) -> Adapter:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from conftest import RANK, adapted, logits
 from safetensors import safe_open
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
-from qvera.adapters.format import read_adapter, write_adapter
+from qvera.adapters.format import adapter_from_model, read_adapter, write_adapter
 from qvera.adapters.loading import attach_adapter
 from qvera.adapters.peft_interop import export_peft, import_peft
 from qvera.core.attach import vera_layers
@@ -154,3 +155,14 @@ def test_import_checks_the_model(tiny_llama_dir, peft_adapter, tmp_path):
         import_peft(lora)
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
         import_peft(tmp_path)
+
+
+def test_export_names_a_base_peft_can_load(tiny_llama_dir, smollm2_dir, tmp_path):
+    """qvera's own base names mean nothing to peft: the built-in base is written as its folder."""
+    adapter = adapter_from_model(adapted(tiny_llama_dir)[0])
+    folder = export_peft(adapter, tmp_path / "folder-base")
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_llama_dir
+    adapter.config["base_model"]["name"] = "smollm2-135m"
+    folder = export_peft(adapter, tmp_path / "builtin-base")
+    written = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert written == str(Path(smollm2_dir).resolve()) and (Path(written) / "config.json").is_file()
