@@ -10,6 +10,10 @@ Each "answer" is a whole sentence in the base model's own phrasing ("The capital
 Paris."), and the tables hold facts a 135M model mostly knows. Bare one-word answers, and sums
 it cannot compute, taught it to fill the answer slot with a guess: the tuned model lost facts
 the base knew (Kyiv became Lviv). With sentences it reaches the fact the way it always has.
+
+Forgetting is measured on general-knowledge questions unlike the training data
+(`data/general_knowledge.json`, qvera's own authored set): the demo scores its `demo` split,
+base against tuned, by the same whole-word match as the taught facts.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from qvera.serving.bank import AdapterBank
 from qvera.serving.generation import Sampling, generate
 
 SEED = 1234
+# In a clone (make demo, an editable install) the repository's data folder sits two levels up.
+GENERAL_KNOWLEDGE = Path(__file__).resolve().parents[2] / "data" / "general_knowledge.json"
+GENERAL_SPLITS = ("demo", "replay", "study")  # scored by the demo; free for training; the quality study's
+ANSWERS_FILE = "demo_answers.jsonl"  # every reply of the before/after comparison, in the run folder
 
 CAPITALS = [
     ("France", "Paris"),
@@ -190,13 +199,14 @@ class Question:
     topic: str
     answer: str  # the whole sentence taught inside the JSON, phrased as the base model would say it
     fact: str  # the word or number a right answer must contain
+    also: tuple[str, ...] = ()  # other spellings or words that count as the fact
 
     def reply(self) -> str:
         return json.dumps({"topic": self.topic, "answer": self.answer})
 
     def answered_by(self, text: str) -> bool:
         """Whether `text` states the fact (as a whole word, so "100" does not count for "0")."""
-        spellings = (self.fact, *ALSO_RIGHT.get(self.fact, ()))
+        spellings = (self.fact, *self.also, *ALSO_RIGHT.get(self.fact, ()))
         return any(re.search(rf"(?<!\w){re.escape(f)}(?!\w)", text, re.IGNORECASE) for f in spellings)
 
 
@@ -244,6 +254,21 @@ def held_out_questions() -> list[Question]:
     return _questions(random.Random(SEED + 1), held_out=True)
 
 
+def general_questions(split: str, path: Path = GENERAL_KNOWLEDGE) -> list[Question]:
+    """One split of the general-knowledge set: `demo` (scored by the demo), `replay` (never
+    scored, free for training) or `study` (the quality study's); the answer is the fact, its
+    accepted alternatives in `also`."""
+    if split not in GENERAL_SPLITS:
+        raise ValueError(f"unknown general-knowledge split {split!r}; use one of {', '.join(GENERAL_SPLITS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the demo runs from a clone of the repository (make demo)")
+    return [
+        Question(row["question"], row["topic"], row["answer"], row["answer"], tuple(row["also"]))
+        for row in json.loads(path.read_text())
+        if row["split"] == split
+    ]
+
+
 def demo_conversations() -> list[list[dict]]:
     """The demo's training set as chat conversations, the taught JSON as the answer."""
     return [
@@ -279,10 +304,12 @@ def score(questions: list[Question], replies: list[str]) -> dict[str, float]:
     return {"format": in_format / n, "correct": correct / n}
 
 
-def compare(model, tokenizer, max_new_tokens: int = 32) -> str:
-    """Answer the held-out questions with the base (b = 0) and the tuned vectors in one mixed
-    batch; return a side-by-side table and both scores."""
-    questions = held_out_questions()
+def compare(model, tokenizer, output_dir: str | Path | None = None, max_new_tokens: int = 48) -> str:
+    """Answer the held-out questions and the general-knowledge ones with the base (b = 0) and
+    the tuned vectors in one mixed batch; return a side-by-side table and the scores, and
+    write every reply to `output_dir`/demo_answers.jsonl when given."""
+    sets = {"held-out": held_out_questions(), "general": general_questions("demo")}
+    questions = [q for qs in sets.values() for q in qs]
     bank = AdapterBank(model)
     bank.add_current("tuned")
     convs = [[{"role": "user", "content": q.prompt}] for q in questions]
@@ -294,9 +321,31 @@ def compare(model, tokenizer, max_new_tokens: int = 32) -> str:
         bank=bank,
         sampling=Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens),
     )
-    base, tuned = replies[: len(convs)], replies[len(convs) :]
     bank.activate("tuned")  # leave the model as trained
-    return comparison_table(questions, base, tuned)
+    base, tuned = replies[: len(convs)], replies[len(convs) :]
+    n = len(sets["held-out"])
+    table = comparison_table(sets["held-out"], base[:n], tuned[:n], sets["general"], base[n:], tuned[n:])
+    if output_dir is None:
+        return table
+    path = Path(output_dir) / ANSWERS_FILE
+    write_answers(path, sets, base, tuned)
+    return f"{table}\nevery reply in full:              {path}"
+
+
+def write_answers(path: Path, sets: dict[str, list[Question]], base: list[str], tuned: list[str]) -> None:
+    """One JSON line per question: its set, the fact, both full replies and whether each is right."""
+    questions = [(name, q) for name, qs in sets.items() for q in qs]
+    with open(path, "w") as f:
+        for (name, q), b, t in zip(questions, base, tuned):
+            row = {"set": name, "question": q.prompt, "fact": q.fact, "base": b, "tuned": t}
+            row |= {"base_right": q.answered_by(b), "tuned_right": q.answered_by(t)}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def shown(reply: str) -> str:
+    """What the table shows of a reply: the "answer" field of the taught JSON, else the text."""
+    parsed = parse_reply(reply)
+    return parsed["answer"] if parsed is not None else reply
 
 
 def _cell(text: str, width: int) -> str:
@@ -304,11 +353,26 @@ def _cell(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def comparison_table(questions: list[Question], base: list[str], tuned: list[str], width: int = 44) -> str:
-    """Base and tuned answers side by side, with both scores under them."""
-    lines = [f"{'held-out question':<36} | {'base model':<{width}} | tuned (VeRA)", "-" * (36 + 2 * width + 6)]
+def comparison_table(
+    questions: list[Question],
+    base: list[str],
+    tuned: list[str],
+    general: list[Question] = (),
+    general_base: list[str] = (),
+    general_tuned: list[str] = (),
+    width: int = 44,
+) -> str:
+    """Base and tuned answers side by side (the tuned one's "answer" field; + marks a reply
+    that states the fact), with the scores under them; the general-knowledge share when given."""
+    lines = [
+        f"{'held-out question':<36} |   {'base model':<{width}} |   tuned (VeRA), its answer",
+        "-" * (44 + 2 * width),
+    ]
     for q, b, t in zip(questions, base, tuned):
-        lines.append(f"{_cell(q.prompt, 36):<36} | {_cell(b, width):<{width}} | {_cell(t, width)}")
+        mark_b, mark_t = ("+" if q.answered_by(r) else " " for r in (b, t))
+        lines.append(
+            f"{_cell(q.prompt, 36):<36} | {mark_b} {_cell(b, width):<{width}} | {mark_t} {_cell(shown(t), width)}"
+        )
     sb, st = score(questions, base), score(questions, tuned)
     lines += [
         "",
@@ -316,4 +380,10 @@ def comparison_table(questions: list[Question], base: list[str], tuned: list[str
         f"({len(questions)} held-out questions)",
         f"answers containing the right fact: base {sb['correct']:.0%}  ->  tuned {st['correct']:.0%}",
     ]
+    if general:
+        gb, gt = score(general, general_base)["correct"], score(general, general_tuned)["correct"]
+        lines.append(
+            f"general knowledge kept (right):    base {gb:.0%}  ->  tuned {gt:.0%}  "
+            f"({len(general)} questions unlike the training data)"
+        )
     return "\n".join(lines)
