@@ -2,6 +2,7 @@
 
 qvera inspect runs/sft/adapter
 qvera export runs/sft/adapter out/peft --to peft
+qvera export runs/sft/adapter out/lora --to lora --dtype bfloat16 --rank 64
 qvera convert some-peft-adapter out/adapter --base smollm2-135m
 qvera merge runs/sft/adapter out/merged
 qvera load-check runs/sft/adapter --prompt "Hello"
@@ -10,16 +11,19 @@ qvera load-check runs/sft/adapter --prompt "Hello"
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-import torch
-
 from qvera.adapters.format import DTYPES, describe, read_adapter, write_adapter
-from qvera.adapters.loading import load_adapted, meta_base, read_any
+from qvera.adapters.loading import load_adapted, meta_base, read_adapters_for, read_any
+from qvera.adapters.lora_export import LORA_DTYPES, export_lora
 from qvera.adapters.merge import merge_to_folder
 from qvera.adapters.peft_interop import export_peft, import_peft
-from qvera.core.base import QUANTIZATIONS
+from qvera.core.base import QUANTIZATIONS, load_base
 from qvera.core.config import ModelConfig
+from qvera.serving.generation import GREEDY, reply_batch
+
+LOAD_CHECK_TOKENS = 32
 
 
 def cmd_inspect(args) -> None:
@@ -27,9 +31,15 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.rank is not None and args.to != "lora":
+        raise ValueError("--rank applies to --to lora only; a VeRA adapter keeps its rank")
     adapter = read_adapter(args.adapter)
     if args.to == "peft":
         export_peft(adapter, args.out, save_projection=args.save_projection)
+    elif args.to == "lora":
+        print(export_lora(adapter, args.out, dtype=LORA_DTYPES[args.dtype], rank=args.rank).summary())
+    elif args.dtype not in DTYPES:
+        raise ValueError(f"qvera adapters are saved as {' or '.join(sorted(DTYPES))}, not {args.dtype}")
     else:
         write_adapter(adapter, args.out, dtype=DTYPES[args.dtype])
     print(f"wrote {args.to} adapter {args.out}")
@@ -41,22 +51,26 @@ def cmd_convert(args) -> None:
 
 
 def cmd_merge(args) -> None:
-
     model, tokenizer = load_adapted(ModelConfig(name=args.base or "", quantization=args.quantization), args.adapter)
     merge_to_folder(model, tokenizer, args.out)
     print(f"wrote merged bf16 model {args.out}")
 
 
 def cmd_load_check(args) -> None:
-    model, tokenizer = load_adapted(ModelConfig(name=args.base or "", quantization=args.quantization), args.adapter)
-    batch = tokenizer([args.prompt], return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        next_token = model(**batch).logits[0, -1].argmax()
-    print(describe(read_any(args.adapter), args.adapter))
-    print(
-        f"loaded onto {model.qvera_base_name} ({args.quantization}); next "
-        f"token after {args.prompt!r}: {tokenizer.decode(next_token)!r}"
-    )
+    """The adapter's greedy reply beside the base's, both in one batch (checked before loading)."""
+    name = args.base or read_any(args.adapter).config["base_model"]["name"]
+    if not name:
+        raise ValueError(f"{args.adapter} does not name its base model; pass the base's name or folder with --base")
+    base = ModelConfig(name=name, quantization=args.quantization)
+    (adapter,) = read_adapters_for(base, [args.adapter])
+    model, tokenizer = load_base(base)
+    sampling = dataclasses.replace(GREEDY, max_new_tokens=args.max_new_tokens)
+    prompts, adapters = [args.prompt] * 2, [None, args.adapter]
+    base_reply, adapted_reply = reply_batch(model, tokenizer, prompts, adapters, sampling=sampling)
+    print(describe(adapter, args.adapter))
+    print(f"loaded onto {model.qvera_base_name} ({args.quantization}); greedy replies to {args.prompt!r}:")
+    print(f"  base:    {base_reply!r}")
+    print(f"  adapter: {adapted_reply!r}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,11 +86,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.set_defaults(run=cmd_inspect)
 
-    p = commands.add_parser("export", help="rewrite a qvera adapter: as bf16, or in peft's VeRA format")
+    p = commands.add_parser(
+        "export",
+        help="rewrite a qvera adapter: as bf16, in peft's VeRA format, or as a peft LoRA (DoRA) for serving engines",
+    )
     p.add_argument("adapter")
     p.add_argument("out")
-    p.add_argument("--to", choices=["qvera", "peft"], default="qvera")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="vector dtype of a qvera adapter")
+    p.add_argument(
+        "--to",
+        choices=["qvera", "peft", "lora"],
+        default="qvera",
+        help="qvera: qvera's format; peft: peft's VeRA; lora: peft's LoRA, exact, for vLLM, SGLang, LoRAX, TGI",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(LORA_DTYPES),
+        default="float32",
+        help="of the saved numbers (float16: lora only); float32 keeps a LoRA export exact",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        help="lora only: a lower LoRA rank for engines with a cap (vLLM 512), by a truncated SVD per layer; "
+        "prints each layer's error",
+    )
     p.add_argument(
         "--save-projection", action="store_true", help="peft only: also store A and B (peft's save_projection)"
     )
@@ -93,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
 
     for name, run, text in [
         ("merge", cmd_merge, "write a plain bf16 transformers folder with the adapter merged in"),
-        ("load-check", cmd_load_check, "load the base, attach the adapter and run one forward"),
+        ("load-check", cmd_load_check, "load the base and the adapter; print a short greedy reply of each"),
     ]:
         p = commands.add_parser(name, help=text)
         p.add_argument("adapter")
@@ -103,6 +136,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--quantization", choices=QUANTIZATIONS, default=ModelConfig.quantization)
         if name == "load-check":
             p.add_argument("--prompt", default="Hello")
+            p.add_argument("--max-new-tokens", type=int, default=LOAD_CHECK_TOKENS, help="length of each greedy reply")
         p.set_defaults(run=run)
     return root
 
@@ -115,7 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"qvera {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk, not the input: full, read-only, permissions
+        print(f"qvera {args.command}: error: {disk_error(err)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def disk_error(err: OSError) -> str:
+    """One line naming the path and the cause: `[Errno 28] No space left on device: 'x'` reads
+    as `x: No space left on device`; an error that names its path in its own words (qvera's
+    adapter writes) is kept, on one line."""
+    if err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import runpy
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ from conftest import REPO, adapted, randomize_vectors
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters.format import CONFIG_FILE, read_adapter, save_adapter
+from qvera.adapters.lora_export import lora_factors
 from qvera.adapters.peft_interop import export_peft
 from qvera.cli import main
 from qvera.core.attach import vector_state
+from qvera.serving.generation import chat_prompt
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,11 @@ def test_convert_peft_reads_only_the_base_config(saved, tiny_llama_dir, tmp_path
 def test_load_check_and_merge(saved, tmp_path, capsys):
     qvera_folder = saved[0]
     assert main(["load-check", str(qvera_folder), "--quantization", "nf4", "--prompt", "Hi"]) == 0
-    assert "(nf4); next token after 'Hi':" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(nf4); greedy replies to 'Hi':" in out
+    base, adapter = (eval(line.split(":", 1)[1]) for line in out.splitlines()[-2:])  # the repr of each reply
+    assert out.splitlines()[-2].startswith("  base:") and out.splitlines()[-1].startswith("  adapter:")
+    assert base != adapter and len(base) > 20 and len(adapter) > 20  # replies, not one token
     assert main(["merge", str(qvera_folder), str(tmp_path / "merged"), "--quantization", "fp32"]) == 0
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "model.safetensors").is_file()
 
@@ -126,10 +133,53 @@ def test_smollm2_adapter_loads_from_the_command_line(smollm2_dir, tmp_path, caps
     attach_vera(model, VeraConfig())
     randomize_vectors(model, 1)
     with torch.no_grad():
-        batch = tokenizer(["The capital of France is"], return_tensors="pt")
-        expected = tokenizer.decode(model(**batch).logits[0, -1].argmax())
+        prompt = chat_prompt(tokenizer, [{"role": "user", "content": "The capital of France is"}])
+        expected = tokenizer.decode(model(torch.tensor([prompt])).logits[0, -1].argmax())
     folder = save_adapter(model, tmp_path / "smollm2-adapter", dtype=torch.bfloat16)
     assert main(["load-check", str(folder), "--quantization", "bf16", "--prompt", "The capital of France is"]) == 0
     out = capsys.readouterr().out
     assert "rank:         512" in out and "targets:      210 layers" in out
-    assert f"loaded onto smollm2-135m (bf16); next token after 'The capital of France is': {expected!r}" in out
+    assert "loaded onto smollm2-135m (bf16); greedy replies to 'The capital of France is':" in out
+    assert out.splitlines()[-1].startswith(f"  adapter: {expected!r}"[:-1])  # the reply goes on from that token
+
+
+def test_export_to_lora(saved, tmp_path, capsys):
+    qvera_folder = saved[0]
+    assert main(["export", str(qvera_folder), str(tmp_path / "lora"), "--to", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA rank 8: 17,920 numbers (" in out and "against VeRA's 1,264 (5,056 bytes fp32)" in out
+    assert "exact: every layer's update is kept whole" in out
+    argv = ["export", str(qvera_folder), str(tmp_path / "lora4"), "--to", "lora", "--rank", "4", "--dtype", "float16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "LoRA rank 4: 8,960 numbers" in out and "relative error of ΔW per layer (Frobenius): max " in out
+    assert "median " in out and "over 14 layers" in out and "  model.layers." in out  # the worst layers
+    config = json.loads((tmp_path / "lora4" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 4)
+    assert len(lora_factors(read_adapter(qvera_folder))) == 14
+    assert main(["export", str(qvera_folder), str(tmp_path / "x"), "--to", "peft", "--rank", "4"]) == 2
+    assert "--rank applies to --to lora only" in capsys.readouterr().err
+    assert main(["export", str(qvera_folder), str(tmp_path / "x"), "--dtype", "float16"]) == 2
+    assert "qvera adapters are saved as bfloat16 or float32, not float16" in capsys.readouterr().err
+
+
+def test_disk_errors_are_one_line_naming_the_path(saved, tmp_path, capsys, monkeypatch):
+    qvera_folder = saved[0]
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr("pathlib.Path.write_bytes", disk_full)
+    for to in ("qvera", "lora"):
+        assert main(["export", str(qvera_folder), str(tmp_path / to), "--to", to]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("qvera export: error: ") and err.count("\n") == 1
+        assert str(tmp_path / to) in err and "no space left on device" in err.lower()
+    monkeypatch.undo()
+
+    def failing_disk(folder, *args, **kwargs):  # as a read fails, whatever reads the folder
+        raise OSError(5, "Input/output error", str(Path(folder) / CONFIG_FILE))
+
+    monkeypatch.setattr("qvera.cli.read_any", failing_disk)
+    assert main(["inspect", str(qvera_folder)]) == 1
+    assert capsys.readouterr().err == f"qvera inspect: error: {qvera_folder / CONFIG_FILE}: Input/output error\n"
