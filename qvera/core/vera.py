@@ -22,8 +22,8 @@ as the base:
 
 The norm gets no gradient (DoRA section 4.3), and the bias is left unscaled, as peft's DoRA
 does. The folded path has W0 + ΔW at hand, so its norm costs one pass over the weight; the
-unfolded path forms W0 + ΔW in fp32 once per new (d, b) for it (kept until d or b change),
-which is also why a magnitude layer folds from half as many tokens.
+unfolded path expands ||W0 + ΔW||² over W0 Aᵀ and A Aᵀ, made once per base layer and kept
+(adapted_norm.py), so that a new (d, b) costs out x r² multiply-adds, not out x in x r.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvera.core.adapted_norm import base_products, expanded_row_norms, expansion_pays, gram
 from qvera.core.bnb import dequantized_weight, is_8bit
 
 
@@ -103,6 +104,13 @@ class SharedProjections(nn.Module):
                 self.A[:, :in_features].to(dtype).contiguous(),
                 self.B[:out_features].to(dtype).contiguous(),
             )
+        return self._casts[key]
+
+    def gram(self, in_features: int) -> torch.Tensor:
+        """A[:, :in] A[:, :in]ᵀ in fp32, made once per input width (DVoRA's expanded norm)."""
+        key = ("gram", in_features)
+        if key not in self._casts:
+            self._casts[key] = gram(self.A[:, :in_features])
         return self._casts[key]
 
     def project(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -281,6 +289,11 @@ class VeraLinear(nn.Module):
         self.fold = fold
         self.row_vectors: tuple[torch.Tensor, ...] | None = None
         self._norm_cache: tuple[torch.Tensor, ...] | None = None
+        self._base_products: tuple | None = None  # (weight key, ||W0||², W0 Aᵀ): adapted_norm.py
+
+    def _apply(self, fn, recurse=True):
+        self._norm_cache = self._base_products = None  # made from the weight, which may move or be cast
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         magnitude = ", magnitude" if self.lambda_m is not None else ""
@@ -288,27 +301,36 @@ class VeraLinear(nn.Module):
 
     def _should_fold(self, tokens: int) -> bool:
         """Per r: folding costs 2·out·in (ΔW built in forward and backward) + tokens·(out + in)
-        (`A x` and gᵀ(A x)); the unfolded path tokens·2·(out + in). Fold past the crossover."""
+        (`A x` and gᵀ(A x)); the unfolded path tokens·2·(out + in), and a magnitude layer's
+        unfolded norm out·min(r, in) (expanded, or W0 + ΔW formed), which the folded path gets
+        with its weight. Fold past the crossover."""
         if not (self.fold and torch.is_grad_enabled()) or is_8bit(self.base_layer):
             return False  # without gradients the unfolded path is cheaper at decode sizes
-        # A magnitude layer forms W0 + ΔW for its norm on either path, so folding saves one of two.
-        folding_extra = self.out_features * self.in_features * (1 if self.lambda_m is not None else 2)
+        unfolded_norm = min(self.projections[0].rank, self.in_features) if self.lambda_m is not None else 0
+        folding_extra = self.out_features * (2 * self.in_features - unfolded_norm)
         return folding_extra < tokens * (self.out_features + self.in_features)
 
     def adapted_norms(self, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
-        """||W0 + ΔW|| per row with W0 + ΔW formed in fp32 (the unfolded path's norm): out·in·r
-        multiply-adds, so it is kept until d, b or W0 change (gradient checkpointing's second
-        forward, every decoding step)."""
+        """||W0 + ΔW|| per row in fp32 (the unfolded path's norm), expanded over the frozen
+        products of W0 and A where that costs less (adapted_norm.py), else with W0 + ΔW formed.
+        Kept until d, b or W0 change (gradient checkpointing's second forward, every decoding step)."""
         weight = self.base_layer.weight
         key = (weight.data_ptr(), weight._version)
         if self._norm_cache is not None and not weight.is_meta:  # meta tensors hold no values to compare
             cached_key, cached_d, cached_b, norms = self._norm_cache
             if cached_key == key and torch.equal(cached_d, lambda_d) and torch.equal(cached_b, lambda_b):
                 return norms
+        projections = self.projections[0]
         with torch.no_grad():
-            A, B = self.projections[0].sliced(self.in_features, self.out_features, torch.float32)
-            base = dequantized_weight(self.base_layer, torch.float32)
-            norms = row_norms(folded_weight(base, lambda_d.float(), lambda_b.float(), A, B))
+            A, B = projections.sliced(self.in_features, self.out_features, torch.float32)
+            d, b = lambda_d.float(), lambda_b.float()
+            if expansion_pays(projections.rank, self.in_features):
+                if self._base_products is None or self._base_products[0] != key:
+                    self._base_products = (key, *base_products(dequantized_weight(self.base_layer, torch.float32), A))
+                _, squared_norms, projected = self._base_products
+                norms = expanded_row_norms(squared_norms, projected, projections.gram(self.in_features), d, b, B)
+            else:
+                norms = row_norms(folded_weight(dequantized_weight(self.base_layer, torch.float32), d, b, A, B))
             self._norm_cache = (key, lambda_d.detach().clone(), lambda_b.detach().clone(), norms)
         return norms
 
