@@ -3,21 +3,24 @@
 # them), a 20-step sft.py run on a random-weight model of Llama-2-7B's shapes (NF4 on the GPU)
 # with its default optimizer, a checkpoint every 10 steps, then a resume; chat with the trained
 # adapter; a short GPU training benchmark at the same shapes and a profile of one training step
-# (where qvera's time goes against LoRA's); the host time and operator count of a step on a
-# narrow 32-layer model (experiments/train_host_time.py, which stands in for the GPU on the CPU);
-# what a new attention shape costs with and without cuDNN's kernels (attention_new_shapes.py);
-# the many-adapter serving benchmark (one mixed batch, one adapter at a time with and without
-# cuDNN's attention, a profile of one batch-1 decode); last the server's batcher in both numerics
-# modes. The stages run most needed first, so a slow GPU cuts the least needed. The whole check
-# fits in 8 minutes on one H100-class GPU: on an H200 every stage ran, in 438 s.
+# (where qvera's time goes against LoRA's); DVoRA r=512 against VeRA r=512 at the same shapes,
+# one step of each in turn, three runs, DVoRA's norm expanded and formed (dvora_norm.py, which
+# also checks that the two norms agree on the GPU); the host time and operator count of a step
+# on a narrow 32-layer model (experiments/train_host_time.py, which stands in for the GPU on the
+# CPU); what a new attention shape costs with and without cuDNN's kernels
+# (attention_new_shapes.py); the many-adapter serving benchmark (one mixed batch, one adapter at
+# a time with and without cuDNN's attention, a profile of one batch-1 decode); last the server's
+# batcher in both numerics modes. The stages run most needed first, so a slow GPU cuts the least
+# needed. The whole check fits in 8 minutes on one H100-class GPU: on an H200 every stage ran, in
+# 438 s, before the DVoRA stage was added.
 #
 #     bash scripts/gpu_check.sh OUT_DIR
 #
 # Writes into OUT_DIR: cuda_tests.xml/.log, sft/ (+ sft.log, sft_resume.log), chat.log,
 # attention_shapes.json/.log, serving.json/.log, decode_profile.txt, serving_batcher.json/.log,
-# bench.json/.md/.log, train_profile.json/.log, train_host_time.json/.log, summary.json and
-# summary.md. Exits non-zero when any stage failed, or a required one (cuda tests, sft, resume,
-# chat, bench) was stopped by the time limit; later stages still run.
+# bench.json/.md/.log, train_profile.json/.log, dvora_norm.json/.log, train_host_time.json/.log,
+# summary.json and summary.md. Exits non-zero when any stage failed, or a required one (cuda
+# tests, sft, resume, chat, bench) was stopped by the time limit; later stages still run.
 # A preflight stops it at once, in one line, when there is no CUDA GPU, a package is missing, or
 # bitsandbytes or TRL's Triton kernels do not run on the GPU. Every stage ends by
 # GPU_CHECK_SECONDS (default 470) after the start, so the whole check, summary included, ends
@@ -132,6 +135,9 @@ stage bench "$OUT/bench.log" \
 stage train_profile "$OUT/train_profile.log" \
     "$PYTHON" experiments/train_step_profile.py --variants qvera:512 peft-lora:64 --repeats 2 \
     --json "$OUT/train_profile.json"
+stage dvora_norm "$OUT/dvora_norm.log" \
+    "$PYTHON" experiments/dvora_norm.py --device cuda --shape llama2-7b --seq 2048 --runs 3 --rounds 3 \
+    --json "$OUT/dvora_norm.json"
 stage train_host_time "$OUT/train_host_time.log" \
     "$PYTHON" experiments/train_host_time.py --device cuda --rounds 9 --json "$OUT/train_host_time.json"
 stage attention_shapes "$OUT/attention_shapes.log" \
@@ -145,7 +151,7 @@ stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 2 --compare-cud
 # Last: the least needed (the batch-invariant mode's cost).
 stage serving_batcher "$OUT/serving_batcher.log" "${SERVING[@]}" --server --json "$OUT/serving_batcher.json"
 
-NAMES="cuda_tests sft sft_resume chat bench train_profile train_host_time attention_shapes serving serving_batcher"
+NAMES="cuda_tests sft sft_resume chat bench train_profile dvora_norm train_host_time attention_shapes serving serving_batcher"
 STAGES=""
 for name in $NAMES; do
     STAGES+="$name ${STATUS[$name]} ${SECONDS_TAKEN[$name]};"
@@ -176,6 +182,9 @@ for name in ("serving", "serving_batcher"):
         summary[name] = {k: v for k, v in report.items() if k not in ("setting", "seconds")}
 if (out / "attention_shapes.json").is_file():
     summary["attention_shapes"] = json.loads((out / "attention_shapes.json").read_text())["rows"]
+if (out / "dvora_norm.json").is_file():
+    report = json.loads((out / "dvora_norm.json").read_text())
+    summary["dvora_norm"] = {k: report.get(k) for k in ("runs", "norm_max_relative_difference", "cache_gb")}
 if (out / "train_host_time.json").is_file():
     summary["train_host_time"] = json.loads((out / "train_host_time.json").read_text())["rows"]
 if (out / "train_profile.json").is_file():
@@ -193,7 +202,7 @@ lines = [f"# GPU check on {summary['device']} (torch {summary['torch']})", "", "
 lines += [f"| {name} | {s['exit']} | {s['seconds']} |" for name, s in summary["stages"].items()]
 if "cuda_tests" in summary:
     lines += ["", "cuda tests: " + ", ".join(f"{k} {v}" for k, v in summary["cuda_tests"].items())]
-for name in ("attention_shapes", "serving", "train_profile", "train_host_time", "serving_batcher"):
+for name in ("attention_shapes", "serving", "train_profile", "dvora_norm", "train_host_time", "serving_batcher"):
     if name in summary:
         lines += ["", f"{name}: " + json.dumps(summary[name])]
 if (out / "bench.md").is_file():

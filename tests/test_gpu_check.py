@@ -59,13 +59,14 @@ def test_stages_past_the_time_limit_are_stopped_and_the_summary_still_written(tm
     result, codes, ran = run_with_stand_in(tmp_path, 12)
     assert result.returncode == 1, result.stderr
     # sft failed; its resume ran into the limit and was stopped; the stages after it had no time left.
-    late = ("chat", "attention_shapes", "serving", "bench", "train_profile", "train_host_time", "serving_batcher")
+    late = ("chat", "attention_shapes", "serving", "bench", "train_profile", "dvora_norm", "train_host_time")
+    late += ("serving_batcher",)
     assert codes == {"cuda_tests": 0, "sft": 3, "sft_resume": 124} | dict.fromkeys(late, 124)
     assert "time limit" in (tmp_path / "out" / "sft_resume.log").read_text()
     assert all("not run" in (tmp_path / "out" / f"{name}.log").read_text() for name in late)
     assert ran[0] == "-" and "pytest -m cuda tests/cuda" in ran[1] and ran[-1].startswith("- ")
     later = ("bench.py", "chat.py", "bench_serving.py", "attention_new_shapes.py", "train_step_profile.py")
-    later += ("train_host_time.py",)
+    later += ("train_host_time.py", "dvora_norm.py")
     assert not any(script in line for line in ran for script in later)
 
 
