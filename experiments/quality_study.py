@@ -2,7 +2,12 @@
 
 Methods: VeRA and DVoRA (qvera), LoRA and DoRA (peft). All go through the same TRL
 SFTTrainer with the same rows, token budget, chat rendering (qvera.data, loss on assistant
-tokens), AdamW, schedule and bf16 autocast; only the adapter differs. Trainable parameters
+tokens), AdamW, schedule and bf16 autocast; only the adapter differs.
+
+Beside the gain on the task (Alpaca held-out loss), each run measures what it costs off the
+task: greedy answers to the `study` split of the general-knowledge questions
+(data/general_knowledge.json, whole-word scoring as the demo's) and the loss of their short
+reference answers, against the base's. Trainable parameters
 stay fp32 for all: TRL casts them to bf16 on quantized models, where small AdamW updates to
 LoRA's A would round away and VeRA's vectors lose digits.
 """
@@ -28,7 +33,9 @@ from qvera.adapters.loading import load_adapted
 from qvera.core.attach import attach_vera
 from qvera.core.base import load_base
 from qvera.core.config import ModelConfig, VeraConfig
+from qvera.serving.generation import Sampling, generate
 from qvera.training.data import split_held_out, tokenized_dataset
+from qvera.training.demo import Question, general_questions
 from qvera.training.evaluate import heldout_loss, load_examples
 from qvera.training.trainer import VeraSFTTrainer
 
@@ -103,6 +110,26 @@ def study_data(held_out: int = 100):
     """The fixed split: 900 Alpaca rows to train on, 100 held out; 50 LIMA rows never trained on."""
     train, alpaca_eval = split_held_out(load_examples(ALPACA), held_out, SPLIT_SEED)
     return train, alpaca_eval, load_examples(LIMA)
+
+
+def general_knowledge(model, tokenizer, questions: list[Question], batch_size: int = 64) -> dict:
+    """Off-task knowledge: the share of greedy replies that state each question's answer (as
+    the demo scores it), which ones (`right`, for paired comparisons), and the loss of the
+    short reference answers ("Fe", "William Shakespeare") after each question."""
+    was_training = model.training
+    model.eval()
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=48)
+    replies = []
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start : start + batch_size]
+        replies += generate(
+            model, tokenizer, [[{"role": "user", "content": q.prompt}] for q in batch], sampling=sampling
+        )
+    model.train(was_training)
+    right = [q.answered_by(r) for q, r in zip(questions, replies)]
+    pairs = [[{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.fact}] for q in questions]
+    loss = heldout_loss(model, tokenizer, pairs, batch_size=16)
+    return {"correct": sum(right) / len(right), "right": right, "loss": loss["loss"], "examples": len(right)}
 
 
 def attach(model, run: StudyRun):
@@ -201,6 +228,7 @@ def run_one(run: StudyRun, out_dir: str | Path, eval_batch_size: int = 2) -> dic
     # over 8 x 256 tokens took several GB.
     result["alpaca_heldout"] = heldout_loss(model, tokenizer, alpaca_eval, run.max_length, eval_batch_size)
     result["lima_heldout"] = heldout_loss(model, tokenizer, lima_eval, run.max_length, eval_batch_size)
+    result["general_knowledge"] = general_knowledge(model, tokenizer, general_questions("study"))
     result["eval_seconds"] = time.perf_counter() - start
     write_json(folder / "result.json", result)
     return result
@@ -356,6 +384,36 @@ def sweep(
         time.sleep(poll_seconds)
 
 
+FORGETTING_METHODS = ("vera", "lora", "dvora", "dora")  # the order a cut-short run fills them
+
+
+def forgetting_plan(results: list[dict], methods=FORGETTING_METHODS) -> list[StudyRun]:
+    """The base, then each method's best grid setting at its grid rank for every seed, seed by
+    seed (every method's seed 0 first): runs that measure general knowledge beside the gain."""
+    best = [b for b in (best_setting(results, m) for m in methods) if b is not None]
+    return [StudyRun("base")] + [replace(b, seed=seed) for seed in SEEDS for b in best]
+
+
+def measure_forgetting(
+    out_dir: str | Path, records: str | Path | None = None, methods=FORGETTING_METHODS, threads: int = 2, launch=None
+) -> list[str]:
+    """Run `forgetting_plan` one run at a time, skipping runs whose result already holds the
+    general-knowledge measure (records written before it existed are run again); return the
+    names started."""
+    out_dir = Path(out_dir)
+    launch = launch or launch_run
+    started = []
+    for run in forgetting_plan(collect(out_dir, records), methods):
+        done = out_dir / run.name / "result.json"
+        if done.is_file() and "general_knowledge" in json.loads(done.read_text()):
+            continue
+        print(f"{time.strftime('%H:%M:%S')} {run.name}: started", flush=True)
+        proc = launch(run, out_dir, threads)
+        print(f"{time.strftime('%H:%M:%S')} {run.name}: exit {proc.wait()}", flush=True)
+        started.append(run.name)
+    return started
+
+
 def summarize(results: list[dict]) -> list[dict]:
     """One row per setting: the mean and spread over its seeds of every measure."""
     groups: dict[tuple, list[dict]] = {}
@@ -377,6 +435,11 @@ def summarize(results: list[dict]) -> list[dict]:
                 values = [r[key][measure] for r in runs if measure in r[key]]
                 if values:
                     row[f"{key}_{measure}"] = spread(values)
+        known = [r for r in runs if "general_knowledge" in r]  # records from before the measure lack it
+        if known:
+            row["general_knowledge_by_seed"] = {r["run"]["seed"]: r["general_knowledge"] for r in known}
+            for measure in ("correct", "loss"):
+                row[f"general_knowledge_{measure}"] = spread([r["general_knowledge"][measure] for r in known])
         rows.append(row)
     return rows
 
@@ -418,9 +481,117 @@ def gains(rows: list[dict], reference: str = "lora-r8") -> dict[str, dict]:
     return out
 
 
-def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | Path) -> None:
-    """Every run's record as JSON (those already in `json_path` kept), and the plot of the
-    seeded settings' mean loss against size."""
+def forgetting(rows: list[dict]) -> dict[str, dict]:
+    """For each setting measured on the general-knowledge questions: its gain on the task (the
+    drop in Alpaca held-out loss from the base's) and its cost off the task, against the base,
+    seed by seed: `kept` (right answers, tuned minus base, in points of the share), `lost`
+    (questions the base answered right and the run did not, as a share), `loss_change` (the
+    reference answers' loss, tuned minus base); each as the mean and spread over seeds."""
+    base = next((r for r in rows if r["run"]["method"] == "base" and "general_knowledge_by_seed" in r), None)
+    if base is None:
+        return {}
+    base_gk = next(iter(base["general_knowledge_by_seed"].values()))
+    base_loss = base["alpaca_heldout_loss"]["mean"]
+    out = {}
+    for row in rows:
+        if row["run"]["method"] == "base" or "general_knowledge_by_seed" not in row:
+            continue
+        by_seed = row["general_knowledge_by_seed"]
+        seeds = sorted(by_seed)
+        lost = [
+            sum(b and not t for b, t in zip(base_gk["right"], by_seed[s]["right"])) / len(base_gk["right"])
+            for s in seeds
+        ]
+        out[row["name"]] = {
+            "seeds": seeds,
+            "gain": spread([base_loss - row["alpaca_loss_by_seed"][s] for s in seeds]),
+            "kept": spread([100 * (by_seed[s]["correct"] - base_gk["correct"]) for s in seeds]),
+            "lost": spread(lost),
+            "loss_change": spread([by_seed[s]["loss"] - base_gk["loss"] for s in seeds]),
+        }
+    return out
+
+
+def forgetting_table(results: list[dict]) -> str:
+    """Gain on the task beside the cost off it, one row per setting with general-knowledge
+    results (mean ± sample sd over seeds; the base's own figures in its row)."""
+    rows = summarize(results)
+    costs = forgetting(rows)
+    lines = [
+        "| setting | seeds | gain on Alpaca (nats) | general knowledge right | change vs base (points) "
+        "| base's right answers lost | answer loss | change vs base |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pm(value, digits, scale=1.0, sign=""):
+        text = f"{value['mean'] * scale:{sign}.{digits}f}"
+        return text + (f" ± {value['sd'] * scale:.{digits}f}" if value["n"] > 1 else "")
+
+    for r in rows:
+        if "general_knowledge_correct" not in r:
+            continue
+        right, loss = r["general_knowledge_correct"], r["general_knowledge_loss"]
+        if r["name"] not in costs:
+            lines.append(f"| {r['name']} | 1 | - | {pm(right, 1, 100)}% | - | - | {pm(loss, 4)} | - |")
+            continue
+        c = costs[r["name"]]
+        lines.append(
+            f"| {r['name']} | {len(c['seeds'])} | {pm(c['gain'], 4)} | {pm(right, 1, 100)}% "
+            f"| {pm(c['kept'], 1, sign='+')} | {pm(c['lost'], 1, 100)}% | {pm(loss, 4)} "
+            f"| {pm(c['loss_change'], 4, sign='+')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_forgetting(rows: list[dict], path: str | Path) -> None:
+    """Gain on the task against the change in general knowledge, one point per setting (mean
+    over seeds, bars from the lowest to the highest seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = forgetting(rows)
+    colors = {"vera": "tab:blue", "dvora": "tab:green", "lora": "tab:orange", "dora": "tab:red"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in (
+        (axes[0], "kept", "general-knowledge answers right, tuned minus base (points)"),
+        (axes[1], "loss_change", "loss of the reference answers, tuned minus base (nats)"),
+    ):
+        ax.axhline(0, color="gray", linestyle="--", label="base (no training)")
+        for name, c in costs.items():
+            method = name.split("-", 1)[0]
+            g, y = c["gain"], c[key]
+            ax.errorbar(
+                g["mean"],
+                y["mean"],
+                xerr=[[g["mean"] - g["min"]], [g["max"] - g["mean"]]],
+                yerr=[[y["mean"] - y["min"]], [y["max"] - y["mean"]]],
+                fmt="o",
+                color=colors[method],
+                capsize=3,
+            )
+            ax.annotate(
+                name.rsplit("-n", 1)[0], (g["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
+        ax.set_xlabel("gain on the task: Alpaca held-out loss, base minus tuned (nats)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        "Gain on the task against knowledge off it (270 general questions), mean and range over seeds", fontsize=10
+    )
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def write_report(
+    runs_dir: str | Path, json_path: str | Path, plot_path: str | Path, forgetting_plot: str | Path | None = None
+) -> None:
+    """Every run's record as JSON (those already in `json_path` kept), the plot of the seeded
+    settings' mean loss against size and, given `forgetting_plot`, gain against forgetting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,6 +603,8 @@ def write_report(runs_dir: str | Path, json_path: str | Path, plot_path: str | P
     os.replace(tmp, json_path)
 
     rows = summarize(results)
+    if forgetting_plot is not None:
+        plot_forgetting(rows, forgetting_plot)
     colors = {"vera": "tab:blue", "dvora": "tab:green", "lora": "tab:orange", "dora": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in (

@@ -3,6 +3,7 @@ the whole plan (learning-rate grid, then three seeds per table row), or the repo
 
 python scripts/quality_study.py run --method dvora --rank 512 --lr 3e-2 --lr-scale-m 0.1 --seed 1
 python scripts/quality_study.py sweep runs/quality --records docs/quality_results.json
+python scripts/quality_study.py forgetting runs/quality --records docs/quality_results.json
 python scripts/quality_study.py report runs/quality
 """
 
@@ -16,12 +17,16 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside scripts/
 
 from experiments.quality_study import (
+    FORGETTING_METHODS,
     METHODS,
     StudyRun,
     collect,
+    forgetting,
+    forgetting_table,
     gains,
     headline_table,
     markdown_table,
+    measure_forgetting,
     run_one,
     summarize,
     sweep,
@@ -50,10 +55,18 @@ def main():
     plan.add_argument(
         "--records", help="a results file of earlier runs (docs/quality_results.json): those runs count as done"
     )
+    forget = sub.add_parser(
+        "forgetting", help="run the base and each method's best setting, 3 seeds, measuring general knowledge"
+    )
+    forget.add_argument("out", nargs="?", default="runs/quality")
+    forget.add_argument("--records", help="a results file of earlier runs: where each method's best setting is read")
+    forget.add_argument("--methods", nargs="+", choices=FORGETTING_METHODS, default=list(FORGETTING_METHODS))
+    forget.add_argument("--threads", type=int, default=2, help="threads for each run (one run at a time)")
     report = sub.add_parser("report", help="collect the runs' results into docs/ (JSON and plot)")
     report.add_argument("runs", nargs="?", default="runs/quality")
     report.add_argument("--json", default="docs/quality_results.json")
     report.add_argument("--plot", default="docs/quality_loss_vs_params.png")
+    report.add_argument("--forgetting-plot", default="docs/quality_forgetting.png")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     if args.command == "run":
@@ -73,12 +86,15 @@ def main():
         print(json.dumps({k: v for k, v in result.items() if k != "train_loss_log"}, indent=2))
     elif args.command == "sweep":
         sweep(args.out, args.jobs, args.threads, records=args.records)
+    elif args.command == "forgetting":
+        measure_forgetting(args.out, args.records, args.methods, args.threads)
     else:
-        write_report(args.runs, args.json, args.plot)
+        write_report(args.runs, args.json, args.plot, args.forgetting_plot)
         results = collect(args.runs, args.json)
-        print(headline_table(results), markdown_table(results), sep="\n\n")
+        print(headline_table(results), markdown_table(results), forgetting_table(results), sep="\n\n")
         print(json.dumps(gains(summarize(results)), indent=2))
-        print(f"wrote {args.json} and {args.plot}")
+        print(json.dumps(forgetting(summarize(results)), indent=2))
+        print(f"wrote {args.json}, {args.plot} and {args.forgetting_plot}")
 
 
 if __name__ == "__main__":

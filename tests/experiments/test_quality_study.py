@@ -12,17 +12,23 @@ from experiments.quality_study import (
     best_setting,
     collect,
     command,
+    forgetting,
+    forgetting_plan,
+    forgetting_table,
     gains,
+    general_knowledge,
     headline_table,
     markdown_table,
+    measure_forgetting,
     seeded_runs,
     summarize,
     sweep,
     write_report,
 )
+from qvera.training.demo import Question
 
 
-def fake_result(folder, run: StudyRun, loss, params, lima_accuracy=0.4):
+def fake_result(folder, run: StudyRun, loss, params, lima_accuracy=0.4, right=None, answer_loss=3.0):
     result = {
         "run": {
             "method": run.method,
@@ -41,6 +47,8 @@ def fake_result(folder, run: StudyRun, loss, params, lima_accuracy=0.4):
         "adapter_bytes": 4 * params,
         "train_seconds": 100.0,
     }
+    if right is not None:  # the general-knowledge measure
+        result["general_knowledge"] = {"correct": sum(right) / len(right), "right": right, "loss": answer_loss}
     (folder / run.name).mkdir(parents=True, exist_ok=True)
     (folder / run.name / "result.json").write_text(json.dumps(result))
 
@@ -177,3 +185,96 @@ def test_sweep_goes_on_from_committed_records(tmp_path):
     write_report(second, records, tmp_path / "plot.png")
     names = {r["name"] for r in json.loads(records.read_text())}
     assert {"base", "lora-r8-lr0.003-n128", "lora-r8-lr0.01-n128"} <= names
+
+
+def test_forgetting_pairs_each_seed_with_the_base_on_the_same_questions(tmp_path):
+    """Gain on the task beside the cost off it: the base answers 3 of 4 general questions; VeRA
+    keeps them all in seed 0 and loses one in seed 1; LoRA gains more and loses two, then one."""
+    runs = tmp_path / "runs"
+    fake_result(runs, StudyRun("base"), 2.0, 0, right=[True, True, True, False], answer_loss=3.0)
+    vera = {0: (1.70, [True, True, True, False], 3.1), 1: (1.72, [True, False, True, True], 3.3)}
+    lora = {0: (1.60, [False, True, False, False], 3.5), 1: (1.62, [True, True, False, False], 3.4)}
+    for method, rank, lr, seeds in (("vera", 512, 3e-2, vera), ("lora", 8, 3e-3, lora)):
+        for seed, (loss, right, answer_loss) in seeds.items():
+            fake_result(runs, StudyRun(method, rank, lr, seed=seed), loss, rank, right=right, answer_loss=answer_loss)
+    fake_result(runs, StudyRun("vera", 512, 1e-2), 1.9, 512)  # measured before the general questions existed
+    costs = forgetting(summarize(collect(runs)))
+    assert set(costs) == {"vera-r512-lr0.03-n128", "lora-r8-lr0.003-n128"}
+    vera_cost, lora_cost = costs["vera-r512-lr0.03-n128"], costs["lora-r8-lr0.003-n128"]
+    assert vera_cost["gain"]["mean"] == pytest.approx(0.29) and lora_cost["gain"]["mean"] == pytest.approx(0.39)
+    # right answers, tuned minus base, in points: vera 0 and 0 (one lost, one gained), lora -50 and -25
+    assert (vera_cost["kept"]["mean"], vera_cost["kept"]["sd"]) == (pytest.approx(0.0), pytest.approx(0.0))
+    assert (lora_cost["kept"]["min"], lora_cost["kept"]["max"]) == (pytest.approx(-50.0), pytest.approx(-25.0))
+    # the base's right answers lost: vera none, then one of four; lora two, then one
+    assert (vera_cost["lost"]["min"], vera_cost["lost"]["max"]) == (0.0, 0.25)
+    assert lora_cost["lost"]["mean"] == pytest.approx(0.375)
+    assert lora_cost["loss_change"]["mean"] == pytest.approx(0.45)
+    table = forgetting_table(collect(runs)).splitlines()
+    assert len(table) == 2 + 3  # the base and the two measured settings
+    assert table[2] == "| base | 1 | - | 75.0% | - | - | 3.0000 | - |"
+    assert table[3] == (
+        "| vera-r512-lr0.03-n128 | 2 | 0.2900 ± 0.0141 | 75.0 ± 0.0% | +0.0 ± 0.0 | 12.5 ± 17.7% "
+        "| 3.2000 ± 0.1414 | +0.2000 ± 0.1414 |"
+    )
+    write_report(runs, tmp_path / "results.json", tmp_path / "plot.png", tmp_path / "forgetting.png")
+    assert (tmp_path / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forgetting_plan_runs_the_base_and_each_best_setting_per_seed_once(tmp_path):
+    runs = tmp_path / "runs"
+    fake_result(runs, StudyRun("base"), 2.0, 0)  # an old record, without the general questions
+    fake_result(runs, StudyRun("vera", 512, 3e-2, lr_scale_b=3.0), 1.70, 1)
+    fake_result(runs, StudyRun("vera", 512, 1e-2), 1.80, 1)
+    fake_result(runs, StudyRun("lora", 8, 3e-3), 1.65, 1)
+    plan = forgetting_plan(collect(runs), ("vera", "lora"))
+    assert [r.name for r in plan] == [
+        "base",
+        "vera-r512-lr0.03-sb3-n128",
+        "lora-r8-lr0.003-n128",
+        "vera-r512-lr0.03-sb3-n128-s1",
+        "lora-r8-lr0.003-n128-s1",
+        "vera-r512-lr0.03-sb3-n128-s2",
+        "lora-r8-lr0.003-n128-s2",
+    ]
+
+    def launch(run, out_dir, threads):
+        fake_result(out_dir, run, 1.7, 1, right=[True])
+        return type("Finished", (), {"wait": lambda self: 0})()
+
+    assert measure_forgetting(runs, methods=("lora",), launch=launch) == [
+        "base",
+        "lora-r8-lr0.003-n128",
+        "lora-r8-lr0.003-n128-s1",
+        "lora-r8-lr0.003-n128-s2",
+    ]
+    assert measure_forgetting(runs, methods=("lora",), launch=launch) == []  # all measured now
+
+
+def test_general_knowledge_scores_greedy_replies_by_whole_words(tiny_llama_dir, monkeypatch):
+    """Replies (from a fake generator) scored as the demo scores them, in batches; the answer
+    loss is the held-out loss of the short reference answers on the real (tiny) model."""
+    import experiments.quality_study as study
+    from qvera.core.base import load_base
+    from qvera.core.config import ModelConfig
+    from qvera.training.evaluate import heldout_loss
+
+    questions = [
+        Question("What is the chemical symbol for iron?", "chemistry", "Fe", "Fe"),
+        Question("How many hearts does an octopus have?", "biology", "3", "3", ("three",)),
+        Question("Who wrote Hamlet?", "literature", "William Shakespeare", "William Shakespeare", ("Shakespeare",)),
+    ]
+    replies = {q.prompt: r for q, r in zip(questions, ["Iron is Fe.", "It has 13 hearts.", "Shakespeare did."])}
+    batches = []
+
+    def fake_generate(model, tokenizer, convs, sampling):
+        assert sampling.temperature == 0.0
+        batches.append(len(convs))
+        return [replies[c[0]["content"]] for c in convs]
+
+    monkeypatch.setattr(study, "generate", fake_generate)
+    model, tokenizer = load_base(ModelConfig(name=tiny_llama_dir, quantization="fp32"))
+    result = general_knowledge(model, tokenizer, questions, batch_size=2)
+    assert batches == [2, 1]
+    assert result["right"] == [True, False, True] and result["correct"] == pytest.approx(2 / 3)
+    pairs = [[{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.fact}] for q in questions]
+    assert result["loss"] == pytest.approx(heldout_loss(model, tokenizer, pairs)["loss"], rel=1e-5)
