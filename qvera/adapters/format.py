@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from qvera.adapters.atomic import atomic_folder
+from qvera.adapters.atomic import atomic_folder, read_files
 from qvera.adapters.fit import (
     check_fits,
     describe_base,
@@ -78,7 +79,10 @@ FIELD_TYPES = {
     CHECKSUM_FIELD: (lambda v: isinstance(v, str), "a string"),
     "rank": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "seed": (_is_int, "an integer"),
-    "d_initial": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "d_initial": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "a finite number",
+    ),
     "target_modules": (
         lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(n, str) for n in v)),
         "a string or a list of strings",
@@ -164,11 +168,20 @@ def serialize_vectors(vectors: dict[str, torch.Tensor], dtype: torch.dtype) -> b
 
 
 def write_adapter(adapter: Adapter, folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
-    """Write an Adapter as a qvera adapter folder (vectors first, the JSON that vouches for them last)."""
+    """Write an Adapter as a qvera adapter folder (vectors first, the JSON that vouches for them last).
+
+    Raises ValueError for vectors holding NaN or infinite numbers (nothing is written), and
+    `qvera.adapters.atomic.FolderWriteError` (an OSError) for a disk error, what `folder` held
+    before left untouched."""
     names = {v: k for k, v in DTYPES.items()}
     if dtype not in names:
         raise ValueError(f"adapter vectors are saved as float32 or bfloat16, not {dtype}")
     folder = Path(folder)
+    if found := _non_finite(adapter.vectors):
+        raise ValueError(
+            f"not saving {folder}: {found}; the training diverged, resume from an earlier checkpoint "
+            "with a lower learning rate"
+        )
     data = serialize_vectors(adapter.vectors, dtype)
     version = format_version(adapter.vectors)
     config = {**adapter.config, "format": FORMAT, "format_version": version, "qvera_version": __version__}
@@ -180,11 +193,21 @@ def write_adapter(adapter: Adapter, folder: str | Path, *, dtype: torch.dtype = 
         "sha256": hashlib.sha256(data).hexdigest(),
     }
     config[CHECKSUM_FIELD] = config_checksum(config)
-    with atomic_folder(folder, replaceable=ADAPTER_FILES) as staging:
+    card, description = model_card(config), json.dumps(config, indent=2) + "\n"
+    with atomic_folder(folder, replaceable=ADAPTER_FILES, size=len(data) + len(card) + len(description)) as staging:
         (staging / VECTORS_FILE).write_bytes(data)
-        (staging / CARD_FILE).write_text(model_card(config))
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (staging / CARD_FILE).write_text(card)
+        (staging / CONFIG_FILE).write_text(description)
     return folder
+
+
+def _non_finite(vectors: dict[str, torch.Tensor]) -> str | None:
+    """The first vector holding NaN or infinite numbers, described; None where all are finite."""
+    for key, value in sorted(vectors.items()):
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            return f"{key} holds {bad} NaN or infinite number{'s' if bad > 1 else ''} of {value.numel()}"
+    return None
 
 
 def config_checksum(config: dict) -> str:
@@ -220,21 +243,28 @@ def model_card(config: dict) -> str:
 
 
 def read_adapter(folder: str | Path, model: nn.Module | None = None) -> Adapter:
-    """Read an adapter folder, checking its files; with `model`, also check that it fits it."""
+    """Read an adapter folder, checking its files; with `model`, also check that it fits it.
+
+    The files are read as one version of the folder (`qvera.adapters.atomic.read_files`), so a
+    write replacing the folder meanwhile never makes a whole adapter look corrupted. Raises
+    FileNotFoundError for a missing folder, ValueError (one line naming the file and the fix)
+    for anything wrong in it."""
     folder = Path(folder)
-    config = _read_config(folder)
-    adapter = Adapter(config, _read_vectors(folder, config), folder)
+    try:
+        files = read_files(folder, [CONFIG_FILE, VECTORS_FILE, PEFT_CONFIG_FILE])
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise FileNotFoundError(f"adapter folder {folder} does not exist") from err
+    config = _read_config(folder, files)
+    adapter = Adapter(config, _read_vectors(folder, config, files[VECTORS_FILE]), folder)
     if model is not None:
         check_fits(adapter, model)
     return adapter
 
 
-def _read_config(folder: Path) -> dict:
+def _read_config(folder: Path, files: dict[str, bytes | None]) -> dict:
     path = folder / CONFIG_FILE
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} does not exist")
-    if not path.is_file():
-        if (folder / PEFT_CONFIG_FILE).is_file():
+    if files[CONFIG_FILE] is None:
+        if files[PEFT_CONFIG_FILE] is not None:
             raise ValueError(
                 f"{folder} is a peft adapter; read it with "
                 "qvera.peft_interop.import_peft or convert it with `qvera convert`"
@@ -243,9 +273,11 @@ def _read_config(folder: Path) -> dict:
             f"{folder} is not a qvera adapter folder (no {CONFIG_FILE}); pass a folder written by save_adapter"
         )
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(files[CONFIG_FILE])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is truncated or corrupted ({err}); export the adapter again") from err
+    except RecursionError as err:  # nested thousands deep: nothing save_adapter writes
+        raise ValueError(f"{path} is not a qvera adapter description; export the adapter again") from err
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{path} is not a qvera adapter description; export the adapter again")
     _check_field(path, config, "format_version")
@@ -260,7 +292,7 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{path} lacks {missing}; the file is damaged, export the adapter again")
     _check_types(path, config)
     if CHECKSUM_FIELD in config and config[CHECKSUM_FIELD] != config_checksum(config):
-        found = _edits(folder, config) or [
+        found = _edits(config, files[VECTORS_FILE]) or [
             "which field changed cannot be told, it is one the vectors do not vouch for "
             "(d_initial, target_modules, base_model, ...)"
         ]
@@ -294,13 +326,15 @@ def _check_field(path: Path, config: dict, name: str) -> None:
         raise ValueError(f"{path}: {name} is {found}{kind}, expected {expected}; export the adapter again")
 
 
-def _edits(folder: Path, config: dict) -> list[str]:
-    """The fields of an edited qvera_adapter.json that disagree with the vectors (or the
-    projections they imply); empty when the edit is in a field nothing else vouches for."""
-    data = (folder / VECTORS_FILE).read_bytes() if (folder / VECTORS_FILE).is_file() else b""
+def _edits(config: dict, data: bytes | None) -> list[str]:
+    """The fields of an edited qvera_adapter.json that disagree with the vectors (`data`, the
+    bytes of vectors.safetensors) or the projections they imply; empty when the edit is in a
+    field nothing else vouches for."""
+    if data is None:
+        return []
     try:
-        vectors = safetensors.torch.load(data)
-    except Exception:  # safetensors raises its own error types for damaged files
+        vectors = _load_safetensors(data, VECTORS_FILE)
+    except ValueError:
         return []
     found = []
     if hashlib.sha256(data).hexdigest() != config["vectors"]["sha256"] or len(data) != config["vectors"]["bytes"]:
@@ -344,17 +378,24 @@ def _edits(folder: Path, config: dict) -> list[str]:
     return found
 
 
-def _read_vectors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
-    path = folder / config["vectors"]["file"]
-    if not path.is_file():
+def _read_vectors(folder: Path, config: dict, data: bytes | None) -> dict[str, torch.Tensor]:
+    path = folder / VECTORS_FILE  # config["vectors"]["file"] is checked to be this name
+    if data is None:
         raise ValueError(f"{path} is missing; the adapter folder is incomplete, export it again")
-    data = path.read_bytes()
     if len(data) != config["vectors"]["bytes"] or hashlib.sha256(data).hexdigest() != config["vectors"]["sha256"]:
         raise ValueError(
             f"{path} is truncated or corrupted ({len(data):,} bytes, "
             f"checksum differs from {CONFIG_FILE}); export the adapter again"
         )
-    vectors = {k: v.float() for k, v in safetensors.torch.load(data).items()}
+    loaded = _load_safetensors(data, path)
+    dtype = DTYPES[config["vectors"]["dtype"]]
+    for key, value in sorted(loaded.items()):
+        if value.dtype != dtype:
+            raise ValueError(
+                f"{path}: {key} is {str(value.dtype).removeprefix('torch.')}, {CONFIG_FILE} says "
+                f"{config['vectors']['dtype']}; export the adapter again"
+            )
+    vectors = {k: v.float() for k, v in loaded.items()}
     expected = {}
     for name, (out_features, _) in config["targets"].items():
         expected[f"{name}.lambda_d"] = (config["rank"],)
@@ -369,7 +410,24 @@ def _read_vectors(folder: Path, config: dict) -> dict[str, torch.Tensor]:
                 f"{_shape(found.get(key))} in the vectors, {_shape(expected.get(key))} in {CONFIG_FILE}; "
                 "export the adapter again"
             )
+    if found := _non_finite(vectors):
+        raise ValueError(
+            f"{path}: {found}, so the model would give NaN; its training diverged: train it again "
+            "with a lower learning rate or use an earlier checkpoint"
+        )
     return vectors
+
+
+def _load_safetensors(data: bytes, path: Path | str) -> dict[str, torch.Tensor]:
+    """The tensors in the safetensors bytes read from `path`; one-line ValueError for anything
+    else (a pickle saved under its name, a header torch has no dtype or shape for)."""
+    try:
+        return safetensors.torch.load(data)
+    except Exception as err:  # SafetensorError from safetensors, KeyError or TypeError from torch
+        raise ValueError(
+            f"{path} is not a safetensors file qvera reads ({str(err).splitlines()[0]}); "
+            "export the adapter again with save_adapter"
+        ) from err
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:

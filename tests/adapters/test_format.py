@@ -3,7 +3,11 @@ mismatch failing with one clear line, atomic writes, many adapters on one base, 
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
+import pickle
 import re
 import signal
 import subprocess
@@ -25,15 +29,18 @@ from safetensors import safe_open
 
 from experiments.profiling import llama2_7b_adapter_size
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
+from qvera.adapters.atomic import FolderWriteError
 from qvera.adapters.fit import projections_fingerprint
 from qvera.adapters.format import (
     CONFIG_FILE,
     VECTORS_FILE,
     adapter_size,
+    config_checksum,
     read_adapter,
     save_adapter,
+    serialize_vectors,
 )
-from qvera.adapters.loading import attach_adapter
+from qvera.adapters.loading import attach_adapter, read_adapters_for, read_any
 from qvera.core.attach import shared_projections, vector_state, vera_layers
 from qvera.core.vera import generate_projections
 from qvera.serving.bank import AdapterBank
@@ -182,8 +189,12 @@ def _hand_built(**overrides):
         (lambda f: _flip_byte(f / VECTORS_FILE), "vectors.safetensors is truncated or corrupted"),
         (lambda f: _truncate(f / CONFIG_FILE), "qvera_adapter.json is truncated or corrupted"),
         (lambda f: (f / VECTORS_FILE).unlink(), "vectors.safetensors is missing"),
+        (
+            lambda f: (f / CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000),
+            "qvera_adapter.json is not a qvera adapter description; export the adapter again",
+        ),
     ],
-    ids=["fingerprint", "version", "truncated", "corrupted", "config", "missing"],
+    ids=["fingerprint", "version", "truncated", "corrupted", "config", "missing", "nested"],
 )
 def test_damaged_or_foreign_adapter_fails_with_one_line(tiny_llama_dir, fp32_adapter, tmp_path, damage, match):
     folder = _copy(fp32_adapter[0], tmp_path)
@@ -257,8 +268,9 @@ def test_an_adapter_without_checksum_still_loads_and_names_an_edited_rank(fp32_a
         ({"targets": []}, r"targets is \[\] \(a list\), expected an object mapping each layer name to \[out, in\]"),
         ({"base_model__name": 7}, r"base_model.name is 7 \(an integer\), expected a string or null"),
         ({"projections__A": "big"}, r'projections.A is "big" \(a string\), expected \[rank, in\] or null'),
+        ({"d_initial": float("nan")}, r"d_initial is NaN \(a number\), expected a finite number"),
     ],
-    ids=["format_version", "vectors", "rank", "targets", "base-name", "projections"],
+    ids=["format_version", "vectors", "rank", "targets", "base-name", "projections", "d_initial"],
 )
 def test_a_field_of_the_wrong_type_fails_in_one_line_naming_it(fp32_adapter, tmp_path, changes, match):
     folder = _copy(fp32_adapter[0], tmp_path)
@@ -287,15 +299,110 @@ def test_failed_write_keeps_the_previous_adapter(tiny_llama_dir, fp32_adapter, t
 
     def half_then_fail(self, data):
         real_write(self, data[: len(data) // 2])
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
     monkeypatch.setattr(Path, "write_bytes", half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(FolderWriteError, match=f"^no space left on device writing {re.escape(str(folder))} "):
         save_adapter(model, folder)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no staging folder left behind
     for key, value in read_adapter(folder).vectors.items():
         assert torch.equal(value, fp32_adapter[1][key])
+
+
+def _replace_vectors(folder, data: bytes) -> None:
+    """Put `data` in vectors.safetensors with qvera_adapter.json's checksums recomputed to
+    match: what a crafted folder looks like."""
+    (folder / VECTORS_FILE).write_bytes(data)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["vectors"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    config["checksum"] = config_checksum(config)
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def _with(vectors, key, value):
+    vectors = {k: v.clone() for k, v in vectors.items()}
+    vectors[key][1] = value
+    return vectors
+
+
+Q = "model.layers.0.self_attn.q_proj"
+NOT_SAFETENSORS = r" is not a safetensors file qvera reads \(.+\); export the adapter again with save_adapter$"
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (lambda v: pickle.dumps(v), NOT_SAFETENSORS),
+        (lambda v: _torch_save(v), NOT_SAFETENSORS),
+        (
+            lambda v: _header({"x": {"dtype": "F8_E8M0", "shape": [2], "data_offsets": [0, 2]}}) + b"\0\0",
+            NOT_SAFETENSORS,
+        ),
+        (
+            lambda v: serialize_vectors(_with(v, f"{Q}.lambda_d", float("nan")), torch.float32),
+            rf": {Q}.lambda_d holds 1 NaN or infinite number of 8, so the model would give NaN; its training "
+            "diverged: train it again with a lower learning rate or use an earlier checkpoint$",
+        ),
+        (
+            lambda v: serialize_vectors(_with(v, f"{Q}.lambda_b", -float("inf")), torch.float32),
+            rf": {Q}.lambda_b holds 1 NaN or infinite number of 64, so the model would give NaN",
+        ),
+        (
+            lambda v: serialize_vectors({k: t.round().long() for k, t in v.items()}, torch.int64),
+            r": model.layers.0.mlp.down_proj.lambda_b is int64, qvera_adapter.json says float32; export the adapter",
+        ),
+    ],
+    ids=["pickle", "torch.save", "f8_e8m0", "nan", "inf", "int64"],
+)
+def test_crafted_vectors_fail_in_one_line_in_every_reader(tiny_llama_dir, fp32_adapter, tmp_path, data, match):
+    """Checksums recomputed to match, so only reading the vectors themselves can tell: each
+    reader (inspect and export, load-check, chat.py and the server, attach_adapter) raises one
+    line naming the file."""
+    folder = _copy(fp32_adapter[0], tmp_path)
+    _replace_vectors(folder, data(fp32_adapter[1]))
+    model, _ = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="fp32"))
+    readers = [
+        read_adapter,
+        read_any,
+        lambda f: read_adapters_for(str(tiny_llama_dir), [f]),
+        lambda f: attach_adapter(model, f),
+    ]
+    for reader in readers:
+        with pytest.raises(ValueError, match=f"^{re.escape(str(folder / VECTORS_FILE))}" + match) as err:
+            reader(folder)
+        assert "\n" not in str(err.value)
+    assert not hasattr(model, "vera_projections")
+
+
+def _header(header: dict) -> bytes:
+    """The start of a safetensors file: its header's length, then the header."""
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text
+
+
+def _torch_save(vectors) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(vectors, buffer)
+    return buffer.getvalue()
+
+
+def test_non_finite_vectors_are_not_saved(tiny_llama_dir, fp32_adapter, tmp_path):
+    folder = _copy(fp32_adapter[0], tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    model, _ = adapted(tiny_llama_dir)
+    with torch.no_grad():
+        vera_layers(model)["model.layers.1.mlp.up_proj"].lambda_b[3] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=f"^not saving {re.escape(str(folder))}: model.layers.1.mlp.up_proj.lambda_b holds 1 NaN or infinite "
+        "number of 160; the training diverged, resume from an earlier checkpoint with a lower learning rate$",
+    ):
+        save_adapter(model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(ValueError, match="not saving"):
+        save_adapter(model, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
 
 
 KILLED_WRITE = """
