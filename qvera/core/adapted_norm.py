@@ -11,13 +11,15 @@ P is larger than W0 itself and U G costs more than forming ΔW, so the layer for
 (`expansion_pays`).
 
 The memory this costs, and where it lives: each DVoRA layer keeps ||W0||² and P in fp32 on the
-weight's device, 4·out·(r + 1) bytes, computed at the layer's first unfolded norm (the first
-training step below the folding crossover, an evaluation, or the first adapter a server loads)
-and recomputed when the base weight changes (a merge writing it in place, a new state dict, a
-move to another device or dtype). At Llama-2-7B's shapes and r=512 that is 2.8 GB over the 224
-layers, nearly as much as their 4-bit weights (3.2 GB): the price of the speed. bf16 would halve
-it but round P to 8 bits, and the norm would no longer equal the dense one to fp32 rounding;
-computing P per layer on the fly costs what forming W0 + ΔW costs, which is what this removes.
+weight's device, 4·out·(r + 1) bytes: 2.8 GB over Llama-2-7B's 224 layers at r=512, nearly as
+much as their 4-bit weights (3.2 GB), the price of the speed. A layer computes them at its first
+unfolded norm in training mode (the first training step below the folding crossover), and again
+when the base weight changes (a merge writing it in place, a new state dict, a move to another
+device or dtype). A layer in eval mode that holds none forms W0 + ΔW instead: a server or a
+merge takes each adapter's norm once, where the products would cost their memory and save
+nothing. bf16 would halve them but round P to 8 bits, and the norm would no longer equal the
+formed one to fp32 rounding; computing P per layer on the fly costs what forming W0 + ΔW costs,
+which is what this removes.
 The sum is taken in fp32, as the dense norm is: the two agree to fp32 rounding unless a row of
 W0 + ΔW nearly cancels, far from any adapter's operating point.
 """

@@ -311,9 +311,11 @@ class VeraLinear(nn.Module):
         return folding_extra < tokens * (self.out_features + self.in_features)
 
     def adapted_norms(self, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> torch.Tensor:
-        """||W0 + ΔW|| per row in fp32 (the unfolded path's norm), expanded over the frozen
-        products of W0 and A where that costs less (adapted_norm.py), else with W0 + ΔW formed.
-        Kept until d, b or W0 change (gradient checkpointing's second forward, every decoding step)."""
+        """||W0 + ΔW|| per row in fp32 (the unfolded path's norm), kept until d, b or W0 change
+        (gradient checkpointing's second forward, every decoding step). Expanded over products of
+        W0 and A kept per layer (adapted_norm.py) where that costs less and the layer trains, or
+        already holds them; else with W0 + ΔW formed: a model in eval mode (a server, a merge)
+        takes each adapter's norm once, and the kept products would cost memory for nothing."""
         weight = self.base_layer.weight
         key = (weight.data_ptr(), weight._version)
         if self._norm_cache is not None and not weight.is_meta:  # meta tensors hold no values to compare
@@ -324,8 +326,9 @@ class VeraLinear(nn.Module):
         with torch.no_grad():
             A, B = projections.sliced(self.in_features, self.out_features, torch.float32)
             d, b = lambda_d.float(), lambda_b.float()
-            if expansion_pays(projections.rank, self.in_features):
-                if self._base_products is None or self._base_products[0] != key:
+            kept = self._base_products
+            if expansion_pays(projections.rank, self.in_features) and (self.training or kept is not None):
+                if kept is None or kept[0] != key:
                     self._base_products = (key, *base_products(dequantized_weight(self.base_layer, torch.float32), A))
                 _, squared_norms, projected = self._base_products
                 norms = expanded_row_norms(squared_norms, projected, projections.gram(self.in_features), d, b, B)

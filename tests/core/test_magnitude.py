@@ -142,21 +142,26 @@ def test_expanded_norms_equal_the_formed_norms_to_fp32_rounding(in_features, out
 @pytest.mark.parametrize("rank", [8, 96])
 def test_nf4_layers_expand_their_norm_where_it_costs_less_and_match_the_dense_norm(tiny_llama_dir, rank, monkeypatch):
     """Rank 8 is below every layer's input width; 96 is above all but down_proj's (160), and
-    above k/v's output width (32, grouped-query attention). W0 is the dequantized NF4 weight."""
+    above k/v's output width (32, grouped-query attention). W0 is the dequantized NF4 weight.
+    In eval mode (as loaded, as a server holds it) every layer forms W0 + ΔW and keeps nothing;
+    once it has trained it holds the products, and evaluating uses them too."""
     model, _ = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="nf4", compute_dtype="bfloat16"))
     attach_vera(model, VeraConfig(rank=rank, magnitude=True))
     randomize_vectors(model, seed=rank)
     formed = []
     monkeypatch.setattr("qvera.core.vera.folded_weight", lambda *args: formed.append(1) or folded_weight(*args))
     projections = model.vera_projections
-    for name, layer in vera_layers(model).items():
-        d, b = layer.lambda_d.detach(), layer.lambda_b.detach()
-        W0 = dequantized_weight(layer.base_layer, torch.float32)
-        A, B = projections.A[:, : layer.in_features], projections.B[: layer.out_features]
-        formed.clear()
-        expected = formed_norms_fp64(W0, A, B, d, b)
-        torch.testing.assert_close(layer.adapted_norms(d, b).double(), expected, **FP32_ROUNDING)
-        assert bool(formed) == (rank >= layer.in_features), name  # W0 + ΔW formed only where r >= in
+    for step, training in enumerate((False, True, False)):
+        model.train(training)
+        for name, layer in vera_layers(model).items():
+            d, b = layer.lambda_d.detach(), layer.lambda_b.detach() * (1 + step)  # a new b: no cached norm
+            W0 = dequantized_weight(layer.base_layer, torch.float32)
+            A, B = projections.A[:, : layer.in_features], projections.B[: layer.out_features]
+            formed.clear()
+            expected = formed_norms_fp64(W0, A, B, d, b)
+            torch.testing.assert_close(layer.adapted_norms(d, b).double(), expected, **FP32_ROUNDING)
+            expanded = step > 0 and rank < layer.in_features  # only where r < in, once it has trained
+            assert bool(formed) != expanded, name
 
 
 def test_the_expanded_norm_follows_a_changed_base_weight():
