@@ -203,6 +203,8 @@ def write_adapter(adapter: Adapter, folder: str | Path, *, dtype: torch.dtype = 
 
 def _non_finite(vectors: dict[str, torch.Tensor]) -> str | None:
     """The first vector holding NaN or infinite numbers, described; None where all are finite."""
+    if not vectors or torch.isfinite(torch.cat([v.reshape(-1) for v in vectors.values()])).all():
+        return None  # one pass over all the numbers: the common case
     for key, value in sorted(vectors.items()):
         bad = int((~torch.isfinite(value)).sum())
         if bad:
