@@ -21,12 +21,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 import stat
 import tempfile
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
@@ -226,8 +229,9 @@ def atomic_folder(folder: str | Path, replaceable: set[str] | None = None, *, si
     adapter); None allows only a missing or empty folder. `size`: the bytes the write needs,
     named in a no-space error. The staging folder is a sibling, so the rename never crosses
     file systems; a killed write leaves only a hidden `.name.tmp-<pid>-*`, removed by the next
-    write. Raises FolderWriteError for any OSError while writing (in the caller's block too),
-    once the staging folder is removed; ValueError for a folder it must not replace.
+    write. Raises FolderWriteError for any OSError while writing (in the caller's block too,
+    and safetensors' errors that carry one), once the staging folder is removed; ValueError for
+    a folder it must not replace.
     """
     folder = Path(folder)
     staging = None
@@ -250,6 +254,11 @@ def atomic_folder(folder: str | Path, replaceable: set[str] | None = None, *, si
             shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the old folder
     except OSError as err:
         raise FolderWriteError(folder, err, staging, size) from err
+    except SafetensorError as err:  # safetensors' own writes (export_peft, merge) report the OS error in text
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise FolderWriteError(folder, OSError(int(code[1]), os.strerror(int(code[1]))), staging, size) from err
 
 
 def read_files(folder: str | Path, names: list[str]) -> dict[str, bytes | None]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import REPO, adapted
 
@@ -190,6 +191,10 @@ def test_a_full_disk_keeps_the_old_adapter_and_says_so_in_one_line(saved, tiny_d
     assert err.value.errno == errno.ENOSPC
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in folder.parent.iterdir()] == ["adapter"]
+    with pytest.raises(FolderWriteError, match=r"^no space left on device writing \S+/peft \(0 kB free\): free space"):
+        with atomic_folder(tiny_disk / "peft") as staging:  # as export_peft and merge write: through safetensors
+            safetensors.torch.save_file(vectors, staging / "adapter_model.safetensors")
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler", "runs"]
     (tiny_disk / "filler").unlink()
     write_adapter(adapter, folder)  # space freed: the same call now succeeds
     assert all(torch.equal(read_adapter(folder).vectors[k], vectors[k] + 1) for k in vectors)
