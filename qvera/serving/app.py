@@ -5,7 +5,10 @@ The request's `model` names an adapter folder under the adapters directory, or t
 The ASGI stack brings keep-alive, a large listen backlog and disconnect detection: a
 generation whose client has gone is cancelled at the next step, streaming or not. Bodies
 past `max_body_bytes` get a 413 before they are read whole; with `api_key` set, /v1 routes
-want `Authorization: Bearer <key>`. Errors are OpenAI-style JSON and name no server path.
+want `Authorization: Bearer <key>`. Errors are OpenAI-style JSON and name no server path;
+client input gets a 4xx, never a 5xx. A client has `read_timeout` seconds to send each
+request (`SlowClientsClose`), and at most `max_pending` requests wait or generate at once.
+`/health` answers 503, saying why, once the generation worker has stopped or stalled.
 
 It runs a little over 300 lines: every route, its streaming and its cancellation read best
 side by side; the request schema and the batcher live in their own modules.
@@ -14,8 +17,10 @@ side by side; the request schema and the batcher live in their own modules.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
+import resource
 import socket
 import sys
 import threading
@@ -23,11 +28,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from torch import nn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -47,13 +54,17 @@ class ServeOptions:
     request_timeout: float = 600.0  # seconds a generation may take, queueing included
     defaults: Sampling = field(default_factory=Sampling)
     batch_invariant: bool = False  # replies bit for bit those of each request alone, at some speed
+    read_timeout: float = 10.0  # seconds a client has to send a request's headers and body
+    max_pending: int = 1024  # requests waiting or generating at once; more get a 503
+    stall_seconds: float = 120.0  # a worker with work that has not stepped this long is reported stalled
 
     def __post_init__(self):
-        for name in ("max_resident", "max_batch_size", "prefill_tokens", "max_body_bytes"):
+        for name in ("max_resident", "max_batch_size", "prefill_tokens", "max_body_bytes", "max_pending"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.request_timeout > 0:
-            raise ValueError(f"request_timeout must be above 0 seconds, got {self.request_timeout}")
+        for name in ("request_timeout", "read_timeout", "stall_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0 seconds, got {getattr(self, name)}")
 
 
 def bind_address(host: str, port: int) -> socket.socket:
@@ -88,6 +99,7 @@ class Server:
             max_batch_size=options.max_batch_size,
             prefill_tokens=options.prefill_tokens,
             batch_invariant=options.batch_invariant,
+            stall_seconds=options.stall_seconds,
         )
         self.app = self._routes(FastAPI(title="qvera", docs_url=None, redoc_url=None, openapi_url=None))
         self.uvicorn: uvicorn.Server | None = None
@@ -95,14 +107,16 @@ class Server:
     # --- running ---------------------------------------------------------------------------
 
     def config(self, log_level: str = "info") -> uvicorn.Config:
-        # Idle connections (kept alive, or silent from the start) close after 5 s; past 512 open
-        # ones, new ones get a 503.
+        # Idle connections (kept alive, or silent from the start) close after 5 s, slow ones
+        # after read_timeout. No limit on open connections (uvicorn's limit_concurrency counts
+        # the slow ones too, so they could starve everyone): the limit is on requests pending.
+        allow_open_files()
         return uvicorn.Config(
             self.app,
-            http=SilentConnectionsClose,
+            http=functools.partial(SlowClientsClose, read_timeout=self.options.read_timeout),
             log_level=log_level,
             timeout_keep_alive=5,
-            limit_concurrency=512,
+            limit_concurrency=None,
             backlog=2048,
         )
 
@@ -154,8 +168,9 @@ class Server:
 
         @app.get("/health")
         async def health():
-            if not self.scheduler.thread.is_alive():
-                return JSONResponse({"status": "scheduler stopped"}, status_code=503)
+            trouble = self.scheduler.trouble()
+            if trouble:
+                return JSONResponse({"status": "unavailable", "reason": trouble}, status_code=503)
             return {"status": "ok", **self.scheduler.load()}
 
         @app.get("/metrics", response_class=PlainTextResponse)
@@ -202,17 +217,35 @@ class Server:
         if length.isdigit() and int(length) > limit:
             raise too_big
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_big
         try:
-            return json.loads(body or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_big
+        except ClientDisconnect as err:  # gone, or closed for sending too slowly
+            raise RequestError(400, "the client closed the connection before sending the whole body") from err
+        try:
+            parsed = json.loads(body or b"null")
+        except RecursionError as err:
+            raise RequestError(400, "the request body is nested too deeply") from err
+        except ValueError as err:  # not JSON, not UTF-8, or a number past Python's digit limit
             raise RequestError(400, f"the request body is not valid JSON ({err})") from err
+        try:  # "\ud800" escapes decode to lone surrogates, which no tokenizer takes
+            json.dumps(parsed, ensure_ascii=False).encode()
+        except UnicodeEncodeError as err:
+            raise RequestError(
+                400,
+                f"the request body holds a lone surrogate ({err.object[err.start]!r}); send valid Unicode",
+            ) from err
+        return parsed
 
     async def _generate(self, request: Request, chat: bool):
         self._authorize(request)
+        if not self.scheduler.thread.is_alive():
+            raise RequestError(503, f"{self.scheduler.trouble()}; restart the server")
+        pending = sum(self.scheduler.load().values())
+        if pending >= self.options.max_pending:
+            raise RequestError(503, f"the server has {pending} requests pending, its limit; retry shortly")
         body = await self._read_json(request)
         parsed = await run_in_threadpool(parse, body, self.tokenizer, self.options.defaults, self.context, chat)
         adapter = None if parsed.model == self.base_name else parsed.model
@@ -256,12 +289,20 @@ class Server:
         texts, entries = [""] * len(jobs), [[] if parsed.logprobs is not None else None for _ in jobs]
         reasons, produced, timing = [None] * len(jobs), [0] * len(jobs), [None] * len(jobs)
         gone = asyncio.ensure_future(_disconnected(request))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.request_timeout + 5  # the worker answers 504 first, unless stalled
         try:
             while None in reasons:
                 next_event = asyncio.ensure_future(events.get())
-                await asyncio.wait({next_event, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_event.done():  # the client hung up: nobody will read the reply
+                await asyncio.wait(
+                    {next_event, gone}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                )
+                if not next_event.done():
                     next_event.cancel()
+                    if not gone.done():
+                        limit = self.options.request_timeout
+                        raise RequestError(504, f"the reply took longer than the server's limit of {limit:g} s")
+                    # the client hung up: nobody will read the reply
                     return JSONResponse(RequestError(499, "client closed the request").body(), status_code=499)
                 index, event = next_event.result()
                 if event[0] == "error":
@@ -324,13 +365,49 @@ class Server:
         return "\n".join(lines) + "\n"
 
 
-class SilentConnectionsClose(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with the keep-alive timeout armed from the connection's
-    start too: a client that connects and sends nothing is closed like an idle keep-alive one."""
+class SlowClientsClose(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two deadlines. The keep-alive timeout is armed from the
+    connection's start too: a client that connects and sends nothing is closed like an idle
+    keep-alive one. And a client has `read_timeout` seconds from connecting (or from its last
+    response) to send a whole request, headers and body, else the connection closes: uvicorn's
+    own timer stops at the first byte, so clients sending a byte at a time kept their
+    connections for good. Each open connection costs a socket and a small buffer until then, so
+    their number is not limited; the requests pending are (`ServeOptions.max_pending`)."""
+
+    def __init__(self, *args, read_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read_timeout, self.read_deadline = read_timeout, None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        self._arm_read_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_read_deadline()
+
+    def connection_lost(self, exc) -> None:
+        if self.read_deadline is not None:
+            self.read_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_read_deadline(self) -> None:
+        if self.read_deadline is not None:
+            self.read_deadline.cancel()
+        self.read_deadline = self.loop.call_later(self.read_timeout, self._read_too_slow)
+
+    def _read_too_slow(self) -> None:
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            self.transport.close()
+
+
+def allow_open_files() -> None:
+    """Raise this process's open-file limit to its ceiling: every connection holds one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def public_name(name: str) -> str:

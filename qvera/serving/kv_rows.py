@@ -119,6 +119,25 @@ class CacheRows:
                 layers.append((torch.cat([layer.keys, blank]), torch.cat([layer.values, blank])))
         self._rebuild(layers, torch.cat([self.mask, mask]), torch.cat([self.positions, positions]))
 
+    def snapshot(self) -> tuple:
+        """The cache as it is now, for `restore`. A forward replaces each layer's tensors by
+        new ones (it concatenates), so holding the present ones is enough."""
+        layers = [(layer.keys, layer.values) for layer in self.cache.layers] if self.mask.shape[1] else []
+        return layers, self.mask, self.positions
+
+    def restore(self, snapshot: tuple) -> None:
+        """Put the cache back as `snapshot` found it (after a forward that raised part-way)."""
+        self._rebuild(*snapshot)
+
+    def row_alone(self, row: int) -> CacheRows:
+        """A new batch holding a copy of one row, to feed it on its own."""
+        alone = CacheRows(self.model, self.pad_id)
+        if self.mask[row].any():
+            alone.add(self.take([row]))
+        else:
+            alone.add_empty(1)
+        return alone
+
     def wasted(self) -> float:
         """The share of cached columns that hold padding."""
         return 1 - float(self.mask.float().mean()) if self.mask.numel() else 0.0

@@ -35,6 +35,7 @@ COMMON = {
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 TEXT_FIELDS = COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_CHOICES, MAX_STOPS, MAX_TOP_LOGPROBS = 8, 4, 20
+SEEDS = (-(2**63), 2**64)
 
 
 class RequestError(Exception):
@@ -109,8 +110,13 @@ def parse(body, tokenizer, defaults: Sampling, context: int | None, chat: bool) 
             "messages" if chat else "prompt",
         )
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(400, f"'seed' must be a whole number, got {seed!r}", "seed")
+    # Choice j samples with seed + j, and a generator takes seeds in [-2**63, 2**64).
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not SEEDS[0] <= seed <= SEEDS[1] - n
+    ):
+        raise RequestError(
+            400, f"'seed' must be a whole number from {SEEDS[0]} to {SEEDS[1] - n} (with n={n}), got {seed!r}", "seed"
+        )
     return Parsed(
         chat,
         name,
@@ -253,22 +259,25 @@ class Reply:
         return self._envelope([], chunk=True, usage=usage)
 
     def logprobs(self, entries: list | None) -> dict | None:
-        """Entries are (token text, logprob, [(alternative text, logprob), ...])."""
+        """Entries are (token text, its bytes, logprob, [(alternative text, bytes, logprob), ...])."""
         if entries is None:
             return None
         if self.chat:
 
-            def item(text, logprob):
-                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            def item(text, raw, logprob):
+                return {"token": text, "logprob": logprob, "bytes": raw}
 
             return {
-                "content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in top]} for t, lp, top in entries]
+                "content": [
+                    {**item(t, raw, lp), "top_logprobs": [item(*alternative) for alternative in top]}
+                    for t, raw, lp, top in entries
+                ]
             }
-        offsets = [sum(len(t) for t, _, _ in entries[:i]) for i in range(len(entries))]
+        offsets = [sum(len(t) for t, *_ in entries[:i]) for i in range(len(entries))]
         return {
-            "tokens": [t for t, _, _ in entries],
-            "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [dict(top) for _, _, top in entries],
+            "tokens": [t for t, *_ in entries],
+            "token_logprobs": [lp for _, _, lp, _ in entries],
+            "top_logprobs": [{a: alp for a, _, alp in top} for *_, top in entries],
             "text_offset": offsets,
         }
 

@@ -6,7 +6,11 @@ tokens whatever rows share its batch (given the same logits: exactly so in fp32)
 
 from __future__ import annotations
 
+import bisect
+import re
+
 import torch
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from qvera.serving.generation import TextStream, nucleus
 
@@ -28,15 +32,37 @@ def pick_rows(
     return torch.where(sampled_rows, sampled, greedy)
 
 
-def token_logprobs(tokenizer, logits: torch.Tensor, token: int, top: int) -> tuple[str, float, list[tuple[str, float]]]:
-    """(token text, its log-probability, the `top` likeliest tokens with theirs) under the
-    model's own distribution, before temperature and top-p."""
+def token_logprobs(tokenizer, logits: torch.Tensor, token: int, top: int) -> tuple:
+    """(token text, its raw bytes, its log-probability, the `top` likeliest tokens as (text,
+    bytes, log-probability)) under the model's own distribution, before temperature and top-p."""
     logprobs = torch.log_softmax(logits, dim=-1)
     alternatives = []
     if top:
         values, ids = logprobs.topk(top)
-        alternatives = [(tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
-    return tokenizer.decode([token]), float(logprobs[token]), alternatives
+        alternatives = [
+            (tokenizer.decode([i]), token_bytes(tokenizer, i), v) for i, v in zip(ids.tolist(), values.tolist())
+        ]
+    return tokenizer.decode([token]), token_bytes(tokenizer, token), float(logprobs[token]), alternatives
+
+
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+BYTE_LEVEL = {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer, token: int) -> list[int]:
+    """The token's own bytes. A token holding part of a character (an emoji's first bytes, say)
+    decodes to U+FFFD on its own; its bytes are what a client joins to rebuild the text. Read
+    from the vocabulary: byte-level BPE (GPT-2, Llama 3, SmolLM) maps each byte to one
+    character, and sentencepiece writes a lone byte as <0xNN> and a space as U+2581."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if piece is None or token in tokenizer.all_special_ids:
+        return list(tokenizer.decode([token]).encode())
+    if match := BYTE_TOKEN.fullmatch(piece):
+        return [int(match.group(1), 16)]
+    if getattr(tokenizer, "is_fast", False) and type(tokenizer.backend_tokenizer.pre_tokenizer).__name__ == "ByteLevel":
+        if all(char in BYTE_LEVEL for char in piece):
+            return [BYTE_LEVEL[char] for char in piece]
+    return list(piece.replace("\u2581", " ").encode())
 
 
 class ReplyText:
@@ -47,17 +73,29 @@ class ReplyText:
         self.stream, self.stops = TextStream(tokenizer), stops
         self.sent, self.stopped = 0, False
         self.text = ""
+        self.ends: list[int] = []  # the text's length once each token is in
 
     def push(self, token: int) -> tuple[str, bool]:
         """The new text that can be sent, and whether a stop string ended the reply."""
         self.stream.push(token)
         text = self.stream.text
+        self.ends.append(len(text))
         found = [i for i in (text.find(stop, max(self.sent - len(stop), 0)) for stop in self.stops) if i >= 0]
         if found:
             self.stopped = True
             return self._send(text, min(found)), True
         held = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
         return self._send(text, len(text) - held), False
+
+    def tokens_sent(self) -> int:
+        """How many tokens the text sent so far holds whole."""
+        return bisect.bisect_right(self.ends, self.sent)
+
+    def tokens_kept(self) -> int:
+        """After a stop string: how many tokens the reply's text needs (each token whose text
+        begins before the cut); the rest only made the stop string."""
+        starts = [0, *self.ends[:-1]]
+        return sum(start < self.sent for start in starts) if self.sent else 0
 
     def flush(self) -> str:
         """What was held back, once the reply ends for another reason than a stop string."""

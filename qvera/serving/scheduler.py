@@ -41,7 +41,7 @@ from qvera.serving.invariance import QUERY_TILE, generation_numerics
 from qvera.serving.kv_rows import CacheRows
 from qvera.serving.openai_schema import RequestError
 from qvera.serving.sampling import ReplyText, pick_rows, token_logprobs
-from qvera.serving.store import AdapterStore
+from qvera.serving.store import AdapterStore, AllSlotsHeld
 
 
 @dataclass
@@ -68,12 +68,13 @@ class Job:
 class Row:
     """A job inside the scheduler: how far its prompt is fed, what it has produced."""
 
-    def __init__(self, job: Job, tokenizer, device):
-        self.job, self.fed, self.produced, self.last_token = job, 0, 0, -1
+    def __init__(self, job: Job, adapter_key: str | None, tokenizer, device):
+        self.job, self.adapter_key, self.fed, self.produced, self.last_token = job, adapter_key, 0, 0, -1
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(job.seed if job.seed is not None else int(torch.randint(2**62, ())))
         self.reply = ReplyText(tokenizer, job.stop)
-        self.entries: list = []  # logprob entries not yet sent with a piece of text
+        self.entries: list = []  # logprob entries, one a token; the first `sent_entries` went out
+        self.sent_entries = 0
         # queued_s: arrival to its first prefill forward; prefill_s: the prefill forwards it took part in.
         self.timing = {"queued_s": 0.0, "prefill_s": 0.0, "first_token_s": 0.0}
 
@@ -94,6 +95,13 @@ class Stats:
 
 
 class Scheduler:
+    """The worker thread over one model. Failures stay with their row: an exception while
+    admitting a request, feeding its prompt, decoding its next token or picking and reporting
+    that token fails that request alone (a 500 to its client, its adapter released, counted in
+    `stats.failed`). A batched forward that raises is undone (the KV cache is put back as it
+    was) and each of its rows is tried alone to find the ones at fault; the others go on with
+    the next step and produce the tokens they would have produced without the failed row."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -103,6 +111,7 @@ class Scheduler:
         max_batch_size: int = 32,
         prefill_tokens: int = 128,
         batch_invariant: bool = False,
+        stall_seconds: float = 120.0,
     ):
         if max_batch_size < 1 or prefill_tokens < 1:
             raise ValueError(
@@ -110,7 +119,7 @@ class Scheduler:
             )
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch_size, self.prefill_tokens = max_batch_size, prefill_tokens
-        self.batch_invariant = batch_invariant
+        self.batch_invariant, self.stall_seconds = batch_invariant, stall_seconds
         self.end_ids = end_token_ids(model, tokenizer)
         self.device = model.get_input_embeddings().weight.device
         self.inbox: queue.Queue[Job] = queue.Queue()
@@ -121,7 +130,9 @@ class Scheduler:
         self.decoded_last = False
         self.steps_at_trim = 0
         self.stats = Stats()
-        self.thread = threading.Thread(target=self._loop, name="qvera-scheduler", daemon=True)
+        self.heartbeat = time.monotonic()  # when the worker last went round its loop
+        self.fault: str | None = None  # why the worker stopped, once it has
+        self.thread = threading.Thread(target=self._run, name="qvera-scheduler", daemon=True)
         self._stopping = threading.Event()
 
     def start(self) -> Scheduler:
@@ -143,31 +154,47 @@ class Scheduler:
             "running": len(self.running_rows),
         }
 
+    def trouble(self) -> str | None:
+        """Why the worker cannot serve (None: it is serving): it has stopped, or it has work
+        and has not gone round its loop for `stall_seconds`."""
+        if not self.thread.is_alive():
+            return f"the generation worker has stopped ({self.fault or 'not started'})"
+        pending = sum(self.load().values())
+        idle = time.monotonic() - self.heartbeat
+        if pending and idle > self.stall_seconds:
+            return f"the generation worker has not stepped for {idle:.0f} s with {pending} request(s) pending"
+        return None
+
     # --- the worker ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """The loop; should it end on an error (a fault no row explains), every request it holds
+        is answered with a 503, and `trouble` says why from then on."""
+        try:
+            self._loop()
+        except BaseException as err:
+            self.fault = f"{type(err).__name__}: {err}"
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            error = RequestError(503, f"the generation worker has stopped ({self.fault}); restart the server")
+            jobs = [row.job for row in self.prefill_rows + self.running_rows] + list(self.waiting)
+            while not self.inbox.empty():
+                jobs.append(self.inbox.get_nowait())
+            for job in jobs:
+                if job is not None:
+                    job.emit(("error", error))
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            try:
-                self._admit(block=not (self.prefill_rows or self.running_rows))
-                self._drop_gone()
-            except Exception:  # a bug: logged, and the worker goes on serving
-                print(traceback.format_exc(), file=sys.stderr, flush=True)
+            self.heartbeat = time.monotonic()
+            self._admit(block=not (self.prefill_rows or self.running_rows))
+            self._drop_gone()
             prefill = self.prefill_rows and (self.decoded_last or not self.running_rows)
-            rows = self.prefill_rows if prefill else self.running_rows
-            if not rows:
+            if not (self.prefill_rows if prefill else self.running_rows):
                 if self.stats.decode_steps + self.stats.prefill_steps > self.steps_at_trim:
                     self.steps_at_trim = self.stats.decode_steps + self.stats.prefill_steps
                     return_free_memory()  # idle now: hand the step buffers' memory back to the system
                 continue
-            try:
-                self._prefill_step() if prefill else self._decode_step()
-            except Exception:  # reported to this step's requests; the server goes on
-                print(traceback.format_exc(), file=sys.stderr, flush=True)
-                error = RequestError(500, "generation failed; the server log has the details")
-                for row in rows:
-                    row.job.emit(("error", error))
-                self.stats.failed += len(rows)
-                self._remove(prefill, set(range(len(rows))))
+            self._prefill_step() if prefill else self._decode_step()
             self.decoded_last = not prefill
 
     def _admit(self, block: bool) -> None:
@@ -188,18 +215,34 @@ class Scheduler:
                 self.stats.cancelled += 1
                 continue
             try:
-                if not self.store.acquire(job.adapter):
-                    break  # every resident adapter is in use: wait for a row to finish
+                key = self.store.acquire(job.adapter)
+            except AllSlotsHeld:
+                break  # every resident adapter is in use: wait for a row to finish
             except RequestError as err:  # deleted or damaged since the request was checked
                 self.waiting.popleft()
                 job.emit(("error", err))
                 continue
+            except Exception as err:
+                self.waiting.popleft()
+                self._fail(job, err)
+                continue
             self.waiting.popleft()
-            row = Row(job, self.tokenizer, self.device)
-            admitted.append(row)
+            try:
+                admitted.append(Row(job, key, self.tokenizer, self.device))
+            except Exception as err:
+                self.store.release(key)
+                self._fail(job, err)
         if admitted:
             self.prefilling.add_empty(len(admitted))
             self.prefill_rows += admitted
+
+    def _fail(self, job: Job, err: Exception) -> None:
+        """Answer one request with a server error for `err`, logged with its traceback."""
+        print("".join(traceback.format_exception(err)), file=sys.stderr, flush=True)
+        job.emit(
+            ("error", RequestError(500, f"generating this reply failed ({type(err).__name__}); see the server log"))
+        )
+        self.stats.failed += 1
 
     def _drop_gone(self) -> None:
         """Drop jobs whose client went away or whose time ran out, waiting or running."""
@@ -232,24 +275,25 @@ class Scheduler:
         for row in rows:
             if row.fed == 0:
                 row.timing["queued_s"] = start - row.job.arrived
-        with self._numerics(self.store.bank.gather([row.job.adapter for row in rows])):
-            logits = self.prefilling.forward(chunks)
+        logits = self._forward(True, rows, chunks)
+        if logits is None:
+            return
         seconds = time.monotonic() - start
         self.stats.prefill_steps += 1
         self.stats.prefill_seconds.append(seconds)
-        fed, finished = [], set()
+        fed = []
         for i, (row, chunk) in enumerate(zip(rows, chunks)):
             row.fed += len(chunk)
             row.timing["prefill_s"] += seconds
             if row.fed == len(row.job.prompt):
                 fed.append(i)
-        tokens = self._pick([rows[i] for i in fed], logits[fed])
-        for i, token in zip(fed, tokens):
+        leaving = set()
+        for i, token in zip(fed, self._pick([rows[i] for i in fed], logits[fed])):
             rows[i].timing["first_token_s"] = time.monotonic() - rows[i].job.arrived
-            if self._advance(rows[i], token, logits[i]):
-                finished.add(i)
-                self.store.release(rows[i].job.adapter)
-        moving = [i for i in fed if i not in finished]
+            if token is None or self._advance(rows[i], token, logits[i]):
+                leaving.add(i)
+                self.store.release(rows[i].adapter_key)
+        moving = [i for i in fed if i not in leaving]
         if moving:
             self.running.add(self.prefilling.take(moving))
             self.running_rows += [rows[i] for i in moving]
@@ -260,18 +304,49 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         rows = self.running_rows
-        if self.running_vectors is None:
-            self.running_vectors = self.store.bank.gather([row.job.adapter for row in rows])
         start = time.monotonic()
-        with self._numerics(self.running_vectors):
-            logits = self.running.forward([[row.last_token] for row in rows])
+        logits = self._forward(False, rows, [[row.last_token] for row in rows])
+        if logits is None:
+            return
         self.stats.decode_steps += 1
         self.stats.decode_seconds.append(time.monotonic() - start)
         self.stats.decode_seconds_total += self.stats.decode_seconds[-1]
         tokens = self._pick(rows, logits)
-        finished = {i for i, (row, token) in enumerate(zip(rows, tokens)) if self._advance(row, token, logits[i])}
-        if finished:
-            self._remove(False, finished)
+        leaving = {i for i, token in enumerate(tokens) if token is None or self._advance(rows[i], token, logits[i])}
+        if leaving:
+            self._remove(False, leaving)
+
+    def _forward(self, prefill: bool, rows: list[Row], chunks: list[list[int]]) -> torch.Tensor | None:
+        """The batch's logits after feeding each row its chunk; None when the forward raised:
+        then the cache is as before, the rows at fault have failed and left, and the step is
+        to be taken again by the rows that remain."""
+        cache = self.prefilling if prefill else self.running
+        saved = cache.snapshot()
+        try:
+            if prefill:
+                vectors = self.store.bank.gather([row.adapter_key for row in rows])
+            else:
+                if self.running_vectors is None:
+                    self.running_vectors = self.store.bank.gather([row.adapter_key for row in rows])
+                vectors = self.running_vectors
+            with self._numerics(vectors):
+                return cache.forward(chunks)
+        except Exception as err:
+            cache.restore(saved)
+            at_fault = set()
+            for i, row in enumerate(rows):
+                try:
+                    with self._numerics(self.store.bank.gather([row.adapter_key])):
+                        cache.row_alone(i).forward([chunks[i]])
+                except Exception as row_err:
+                    at_fault.add(i)
+                    self._fail(row.job, row_err)
+            if not at_fault:  # no row fails alone (out of memory, say): the whole step fails
+                for i, row in enumerate(rows):
+                    at_fault.add(i)
+                    self._fail(row.job, err)
+            self._remove(prefill, at_fault)
+            return None
 
     @contextmanager
     def _numerics(self, vectors):
@@ -284,15 +359,37 @@ class Scheduler:
         with self.store.bank.rows(vectors), numerics:
             yield
 
-    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int | None]:
+        """Each row's next token; None for a row whose pick raised (it has failed)."""
         if not rows:
             return []
+        try:
+            return self._pick_batch(rows, logits)
+        except Exception:
+            tokens = []
+            for i, row in enumerate(rows):
+                try:
+                    tokens += self._pick_batch([row], logits[i : i + 1])
+                except Exception as err:
+                    self._fail(row.job, err)
+                    tokens.append(None)
+            return tokens
+
+    def _pick_batch(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         temperature = torch.tensor([float(row.job.sampling.temperature) for row in rows], device=logits.device)
         top_p = torch.tensor([float(row.job.sampling.top_p) for row in rows], device=logits.device)
         return pick_rows(logits, temperature, top_p, [row.generator for row in rows]).tolist()
 
     def _advance(self, row: Row, token: int, logits: torch.Tensor) -> bool:
-        """Report the row's next token (picked from `logits`, (vocab,)); True when the row is done."""
+        """Report the row's next token (picked from `logits`, (vocab,)); True when the row
+        leaves: done, or failed while reporting."""
+        try:
+            return self._report(row, token, logits)
+        except Exception as err:
+            self._fail(row.job, err)
+            return True
+
+    def _report(self, row: Row, token: int, logits: torch.Tensor) -> bool:
         job = row.job
         row.produced += 1
         self.stats.tokens += 1
@@ -301,21 +398,29 @@ class Scheduler:
         if token in self.end_ids:
             return self._finish(row, "stop")
         piece, stopped = row.reply.push(token)
-        if piece:
-            job.emit(("text", piece, row.entries))
-            row.entries = []
         if stopped:
-            return self._finish(row, "stop")
+            return self._finish(row, "stop", piece)
+        if piece:
+            self._send(row, piece, row.reply.tokens_sent())
         if row.produced >= job.sampling.max_new_tokens:
             return self._finish(row, "length")
         row.last_token = token
         return False
 
-    def _finish(self, row: Row, reason: str) -> bool:
-        piece = row.reply.flush()
-        if piece or row.entries:
-            row.job.emit(("text", piece, row.entries))
-        row.job.emit(("done", reason, row.produced, row.timing))
+    def _send(self, row: Row, piece: str, tokens: int) -> None:
+        """Send a piece of text with the logprob entries of the tokens it completes."""
+        entries = row.entries[row.sent_entries : tokens] if row.job.logprobs is not None else []
+        row.sent_entries += len(entries)
+        row.job.emit(("text", piece, entries))
+
+    def _finish(self, row: Row, reason: str, piece: str = "") -> bool:
+        """End the reply. After a stop string, the tokens that only made it (their text is
+        left out) leave the logprobs and the token count too."""
+        piece += row.reply.flush()
+        produced = row.reply.tokens_kept() if row.reply.stopped else row.produced
+        if piece or row.entries[row.sent_entries : produced]:
+            self._send(row, piece, produced)
+        row.job.emit(("done", reason, produced, row.timing))
         self.stats.finished += 1
         return True
 
@@ -324,7 +429,7 @@ class Scheduler:
         rows, cache = (self.prefill_rows, self.prefilling) if prefill else (self.running_rows, self.running)
         keep = [i for i in range(len(rows)) if i not in indices]
         for i in indices if release else ():
-            self.store.release(rows[i].job.adapter)
+            self.store.release(rows[i].adapter_key)
         cache.keep(keep)
         kept = [rows[i] for i in keep]
         if prefill:

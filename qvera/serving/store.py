@@ -7,6 +7,11 @@ here; hidden folders (leftovers of interrupted writes) and unservable ones (a pe
 them) are skipped with one warning line. At most `max_resident` adapters stay in memory, the
 least recently used leaving first, but never one that a running request holds (`acquire` /
 `release`).
+
+A rewritten adapter folder is read again by the next request that names it: requests that
+arrive once its write is complete get the new vectors, while requests already running keep
+the version they started with (each version is resident under its own key until its last
+request releases it).
 """
 
 from __future__ import annotations
@@ -44,15 +49,20 @@ def adapter_folders(folder: str | Path, *, at_least_one: bool = True) -> list[st
     return names
 
 
+class AllSlotsHeld(Exception):
+    """Every resident slot is held by running requests: try again once one finishes."""
+
+
 class AdapterStore:
     def __init__(self, model: nn.Module, folder: str | Path, max_resident: int = 64, log=None):
         self.model, self.folder = model, Path(folder)
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         names = adapter_folders(self.folder, at_least_one=not hasattr(model, PROJECTIONS_ATTR))
         self.lock = threading.Lock()
-        self.verdicts: dict[str, tuple[int, str | None]] = {}  # name -> (newest file's mtime, why unservable)
-        self.pins: Counter[str] = Counter()
-        self.loaded_stamps: dict[str, int] = {}
+        self.verdicts: dict[str, tuple[tuple, str | None]] = {}  # name -> (stamp, why unservable)
+        self.pins: Counter[str] = Counter()  # version key -> requests holding it
+        self.current: dict[str, tuple[str, tuple]] = {}  # name -> (its newest version's key, stamp)
+        self.versions = 0
         if not hasattr(model, PROJECTIONS_ATTR):
             attach_vera(model, self._shared_vera_config(names))
         # Vectors kept in the compute dtype (bf16 for an NF4 base): half the memory, same results.
@@ -73,7 +83,7 @@ class AdapterStore:
     def check(self, name: str) -> None:
         """Raise the RequestError a request naming this adapter gets, if any."""
         with self.lock:
-            if name.startswith(".") or "/" in name or "\\" in name or not is_adapter_folder(self.folder / name):
+            if name.startswith(".") or "/" in name or "\\" in name or not self._is_folder(name):
                 known = [n for n in self._visible() if self._verdict(n) is None]
                 raise RequestError(
                     404,
@@ -87,30 +97,47 @@ class AdapterStore:
                     400, f"adapter {name!r} cannot be served on this base: {why}", "model", "adapter_mismatch"
                 )
 
-    def acquire(self, name: str | None) -> bool:
-        """Make the adapter resident and hold it there until `release`; False when every
-        resident slot is held by running requests (try again once one finishes)."""
+    def acquire(self, name: str | None) -> str | None:
+        """Make the adapter's newest version resident and hold it there until `release`;
+        return its key in the bank (None for the base). Raises AllSlotsHeld when every
+        resident slot is held by running requests, RequestError when it cannot be read."""
         if name is None:
-            return True
+            return None
         with self.lock:
             stamp = self._stamp(name)
-            stale = name in self.bank.adapters and self.loaded_stamps.get(name) != stamp and not self.pins[name]
-            if name not in self.bank.adapters or stale:
-                held = [n for n in self.bank.adapters if self.pins[n]]
+            key, loaded = self.current.get(name, (None, None))
+            if key not in self.bank.adapters or loaded != stamp:
+                held = [k for k in self.bank.adapters if self.pins[k]]
                 if len(held) >= self.bank.max_resident:
-                    return False
+                    raise AllSlotsHeld
                 adapter = self._read(name)
+                if key in self.bank.adapters and not self.pins[key]:
+                    self.bank.remove(key)  # superseded and unused
+                self.versions += 1
+                key = f"{name}@{self.versions}"
                 self.bank.touch(held)  # the least recently used adapter that leaves is one nobody holds
-                self.bank.add(name, adapter.vectors)
-                self.loaded_stamps[name] = stamp
-            self.pins[name] += 1
-            self.bank.touch([name])
-            return True
+                self.bank.add(key, adapter.vectors)
+                self.current[name] = (key, stamp)
+            self.pins[key] += 1
+            self.bank.touch([key])
+            return key
 
-    def release(self, name: str | None) -> None:
-        if name is not None:
-            with self.lock:
-                self.pins[name] -= 1
+    def release(self, key: str | None) -> None:
+        """Let go of a version `acquire` returned; a superseded one leaves once nobody holds it."""
+        if key is None:
+            return
+        with self.lock:
+            self.pins[key] -= 1
+            if not self.pins[key]:
+                del self.pins[key]
+                name = key.rpartition("@")[0]
+                if self.current.get(name, (None,))[0] != key and key in self.bank.adapters:
+                    self.bank.remove(key)
+
+    def resident(self) -> list[str]:
+        """The names of the adapters whose newest version is in memory."""
+        with self.lock:
+            return sorted(name for name, (key, _) in self.current.items() if key in self.bank.adapters)
 
     # --- reading and checking ------------------------------------------------------------
 
@@ -126,13 +153,21 @@ class AdapterStore:
                 skipped.append((path.name, f"no {CONFIG_FILE} (nor peft's {PEFT_CONFIG_FILE})"))
         return skipped
 
-    def _stamp(self, name: str) -> int:
-        """When the adapter last changed: its newest file. qvera replaces a folder whole, but peft
-        rewrites its config and its vectors in place, one after the other."""
+    def _is_folder(self, name: str) -> bool:
         try:
-            return max(path.stat().st_mtime_ns for path in (self.folder / name).iterdir() if path.is_file())
+            return is_adapter_folder(self.folder / name)
+        except (OSError, ValueError):  # a name no folder can have: too long, a NUL in it
+            return False
+
+    def _stamp(self, name: str) -> tuple:
+        """Which version of the adapter the folder holds: the folder itself (qvera replaces it
+        whole) and its newest file (peft rewrites its config and its vectors in place)."""
+        try:
+            folder = self.folder / name
+            newest = max(path.stat().st_mtime_ns for path in folder.iterdir() if path.is_file())
+            return folder.stat().st_ino, newest
         except (OSError, ValueError):  # gone, or empty
-            return -1
+            return ()
 
     def _verdict(self, name: str, warn: bool = False) -> str | None:
         """Why the adapter cannot be served here (None: it can), read once per version of its files."""

@@ -247,9 +247,9 @@ def test_least_recently_used_adapters_leave_and_come_back(served):
     server, client, expected = served[:3]
     for name in ["alpha", "beta", "gamma"]:
         ask(client, name, max_tokens=1)
-    assert sorted(server.store.bank.names()) == ["alpha", "beta", "gamma"]
+    assert server.store.resident() == ["alpha", "beta", "gamma"]
     ask(client, "alpha", max_tokens=1)  # beta is now the least recently used
     assert ask(client, "delta").choices[0].message.content == expected["delta", 0]
-    assert sorted(server.store.bank.names()) == ["alpha", "delta", "gamma"]
+    assert server.store.resident() == ["alpha", "delta", "gamma"]
     assert ask(client, "beta").choices[0].message.content == expected["beta", 0]  # read again from its folder
-    assert sorted(server.store.bank.names()) == ["alpha", "beta", "delta"]
+    assert server.store.resident() == ["alpha", "beta", "delta"]

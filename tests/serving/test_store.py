@@ -11,7 +11,7 @@ from qvera.adapters import save_adapter
 from qvera.adapters.format import Adapter, read_adapter
 from qvera.adapters.peft_interop import export_peft
 from qvera.serving.openai_schema import RequestError
-from qvera.serving.store import AdapterStore
+from qvera.serving.store import AdapterStore, AllSlotsHeld
 
 
 @pytest.fixture
@@ -56,10 +56,12 @@ def test_held_adapters_are_never_evicted(folder_and_base):
     folder, base = folder_and_base
     model, _ = load_base(ModelConfig(name=base, quantization="fp32"))
     store = AdapterStore(model, folder, max_resident=1, log=lambda line: None)
-    assert store.acquire("one")
-    assert not store.acquire("two")  # the one slot is held
-    store.release("one")
-    assert store.acquire("two") and store.bank.names() == ["two"]
+    one = store.acquire("one")
+    with pytest.raises(AllSlotsHeld):  # the one slot is held
+        store.acquire("two")
+    store.release(one)
+    store.acquire("two")
+    assert store.resident() == ["two"] and len(store.bank.names()) == 1
 
 
 def test_store_needs_a_folder_with_an_adapter(tmp_path, tiny_llama_dir):
@@ -80,8 +82,7 @@ def test_store_serves_a_peft_vera_folder_and_names_why_it_skips_a_lora_one(folde
     store = AdapterStore(model, folder, max_resident=4, log=lines.append)
     assert store.servable() == ["one", "one-peft", "two"]
     assert "lora (lora is a LORA adapter, not VeRA; qvera reads VeRA adapters only)" in lines[0]
-    assert store.acquire("one") and store.acquire("one-peft")
-    one, one_peft = store.bank.adapters["one"], store.bank.adapters["one-peft"]
+    one, one_peft = store.bank.adapters[store.acquire("one")], store.bank.adapters[store.acquire("one-peft")]
     assert one.keys() == one_peft.keys() and all(torch.equal(one[k], one_peft[k]) for k in one)
 
 
@@ -91,13 +92,11 @@ def test_a_peft_folder_rewritten_in_place_is_read_again(folder_and_base, tmp_pat
     export_peft(one, folder / "mine")
     model, _ = load_base(ModelConfig(name=base, quantization="fp32"))
     store = AdapterStore(model, folder, max_resident=4, log=lambda line: None)
-    assert store.acquire("mine")
-    store.release("mine")
+    store.release(store.acquire("mine"))
     retrained = Adapter(one.config, {name: value + 1 for name, value in one.vectors.items()})
     export_peft(retrained, tmp_path / "retrained")
     vectors = folder / "mine" / "adapter_model.safetensors"
     shutil.copyfile(tmp_path / "retrained" / "adapter_model.safetensors", vectors)  # its config is untouched
     os.utime(vectors, ns=(vectors.stat().st_atime_ns, vectors.stat().st_mtime_ns + 10**9))
-    assert store.acquire("mine")
-    served = store.bank.adapters["mine"]
+    served = store.bank.adapters[store.acquire("mine")]
     assert all(torch.allclose(served[k], retrained.vectors[k].to(served[k].dtype)) for k in retrained.vectors)
