@@ -1,4 +1,5 @@
-# Two entry points a newcomer needs: `make demo` (train the embedded default) and `make test`.
+# Two entry points a newcomer needs: `make demo` (train the embedded demo into runs/demo, again on each
+# call) and `make test`.
 # Both set up .venv first; torch comes first and pinned, so pip never pulls a CUDA build here.
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) scripts/sft.py
+	$(PY) scripts/sft.py --config configs/demo.yaml --overwrite
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -34,8 +34,8 @@ class DataConfig:
 
     _argument_group_name = "data"
 
-    path: str = option(
-        DEMO_DATA, "a .json/.jsonl/.parquet file, a hub data set, or demo (the embedded one)", aliases=["--data"]
+    path: str | None = option(
+        None, "a .json/.jsonl/.parquet file, a hub data set, or demo (the embedded one)", aliases=["--data"]
     )
     split: str = option("train", "split of a hub data set")
     format: str = option("auto", "auto, messages, alpaca or prompt-completion")
@@ -53,7 +53,8 @@ class TrainConfig:
 
     _argument_group_name = "train"
 
-    output_dir: str = option("runs/sft", "folder for checkpoints, adapter and loss curve")
+    run_name: str = option("sft", "the run's name: its folder is runs/<run_name>, and loss.png's title")
+    output_dir: str | None = option(None, "folder for checkpoints, adapter and loss curve (unset: runs/<run_name>)")
     learning_rate: float = option(4e-3, "peak learning rate (VeRA: about 10x LoRA's)")
     # d starts at 0.1 and b at 0, m at the weight's row norms: their scales differ, so do their
     # best rates. The defaults are the quality study's best (docs/quality.md): b at 3x beat 1x
@@ -75,8 +76,16 @@ class TrainConfig:
     save_steps: int = option(100, "steps between checkpoints (0: none)")
     save_total_limit: int = option(2, "checkpoints kept")
     seed: int = option(42, "seed for data order and the evaluation split")
-    resume: bool = option(False, "continue from the last complete checkpoint in output_dir")
-    export_peft: bool = option(False, "also write a peft-format adapter (output_dir/peft)")
+    resume: bool = option(False, "continue the run in the output folder from its last complete checkpoint")
+    overwrite: bool = option(
+        False, "start afresh in an output folder that holds a run, replacing its checkpoints, adapter and loss curve"
+    )
+    export_peft: bool = option(False, "also write a peft-format adapter (<output folder>/peft)")
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder the run writes: output_dir, else runs/<run_name>."""
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.run_name
 
 
 @dataclass
@@ -180,6 +189,11 @@ def check_recipe(recipe: SFTRecipe) -> None:
             f"{train.lr_scale_d}, {train.lr_scale_b} and {train.lr_scale_m}",
         ),
         (train.export_peft and vera.magnitude, "train.export_peft: " + NO_PEFT_DVORA),
+        (
+            not train.run_name or Path(train.run_name).name != train.run_name or train.run_name in (".", ".."),
+            f"train.run_name must be a plain folder name, got {train.run_name!r}; use --output-dir for a path",
+        ),
+        (train.resume and train.overwrite, "pass --resume to continue a run or --overwrite to replace it, not both"),
     ]
     for failed, message in problems:
         if failed:
@@ -189,7 +203,7 @@ def check_recipe(recipe: SFTRecipe) -> None:
     for name, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
         if path and Path(path).suffix in LOCAL_SUFFIXES and not Path(path).is_file():
             raise ValueError(f"{name} {path} does not exist; pass a .json, .jsonl or .parquet file or a hub data set")
-    _check_writable(Path(train.output_dir))
+    _check_writable(train.run_dir)
 
 
 def _check_writable(folder: Path) -> None:
@@ -208,23 +222,55 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The script's docstring as written, and each flag's default (the recipe's value)."""
 
 
-def parse_recipe(argv: list[str] | None, default_config: str | Path, description: str | None = None) -> SFTRecipe:
-    """The recipe a command line asks for: the YAML named by --config, then flags over it.
+def tidy_flags(parser: argparse.ArgumentParser, hidden: set[str] = frozenset()) -> None:
+    """Show each flag in the spelling the docs use (hyphens: --learning-rate) while every spelling
+    it was given still parses (--learning_rate, and the `hidden` names); each --no-X flag says what it does.
+
+    argparse parses through its table of option strings and prints `option_strings`: trimming the
+    latter changes the help and the usage line only.
+    """
+    for action in parser._actions:
+        shown = [s for s in action.option_strings if "_" not in s and s not in hidden]
+        if shown and shown != action.option_strings:
+            action.option_strings = shown
+            name = shown[0].lstrip("-").replace("-", "_")
+            if action.nargs != 0 and action.metavar is None and name != action.dest:  # --model MODEL, not NAME
+                action.metavar = name.upper()
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction):
+            positive = next(a for a in parser._actions if a.dest == action.dest and a is not action)
+            action.help = f"the same as {positive.option_strings[0]} false"
+            action.default = argparse.SUPPRESS  # the positive flag holds the default
+
+
+def parse_recipe(
+    argv: list[str] | None, default_config: str | Path | None = None, description: str | None = None
+) -> SFTRecipe:
+    """The recipe a command line asks for: the dataclasses' defaults, or the YAML named by
+    --config, then flags over it.
 
     Every field is a flag named after it (HfArgumentParser); `--config X --help` shows each
     flag with the value it would take under X. Errors exit with argparse's one-line usage error.
     """
     first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--config", default=str(default_config), help="recipe YAML")
+    first.add_argument(
+        "--config", default=default_config, help="recipe YAML (configs/); unset: the defaults shown below"
+    )
     known, _ = first.parse_known_args(argv)
     parser = HfArgumentParser(
         [cls for cls in SECTIONS.values()], description=description, parents=[first], formatter_class=HelpFormatter
     )
-    try:
-        base = _unchecked_recipe(load_yaml(known.config), str(known.config))
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    base = SFTRecipe()
+    if known.config is not None:
+        try:
+            base = _unchecked_recipe(load_yaml(known.config), str(known.config))
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(str(err))
+    # Every default from the recipe, also where HfArgumentParser would drop one (a str-or-list field).
     parser.set_defaults(**{k: v for section in recipe_to_dict(base).values() for k, v in section.items()})
+    # A field with an alias shows the alias alone (--model, not --name; --data, not --path).
+    aliased = {f"--{f.name}" for cls in SECTIONS.values() for f in dataclasses.fields(cls) if "aliases" in f.metadata}
+    tidy_flags(parser, aliased)
     try:
         *sections, _ = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
         recipe = SFTRecipe(*sections)

@@ -8,7 +8,9 @@ What qvera changes in the trainer, and why:
   learning rate), one optimizer parameter group each, whatever optimizer Trainer picks.
 - Checkpoints hold the vectors only (plus the optimizer, scheduler, RNG and trainer state
   that Trainer writes), never the 4-bit base; each appears by one rename, so a run killed at
-  any moment (kill -9) resumes from its last complete checkpoint.
+  any moment (kill -9) resumes from its last complete checkpoint. A checkpoint that cannot be
+  written (a full disk) stops the run with one line naming it, the cause and the last
+  complete checkpoint, instead of torch's serializer traceback.
 - Attention runs without cuDNN's kernels, which build a plan for each new sequence length
   (`qvera.core.attention_kernels`).
 - The default optimizer is fused AdamW, also on a GPU: VeRA's optimizer state is a few MB, so
@@ -18,6 +20,7 @@ What qvera changes in the trainer, and why:
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -120,6 +124,17 @@ class VeraSFTTrainer(SFTTrainer):
         try:
             # Trainer's own method: TRL's override only adds a model card for a full model.
             Trainer._save_checkpoint(self, model, trial)
+        except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports a full disk as RuntimeError
+            if self.args.should_save:
+                shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+            last = last_checkpoint(run_dir)
+            if last:
+                then = f"the last complete checkpoint is {last}; free space, then run again with --resume"
+            else:
+                then = "no checkpoint was completed; free space, then run again with --overwrite"
+            raise OSError(
+                f"could not write checkpoint {os.path.join(run_dir, name)} ({write_failure(err)}); {then}"
+            ) from err
         finally:
             self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()
@@ -145,6 +160,12 @@ class ProgressWithThroughput(ProgressCallback):
         super().on_train_begin(args, state, control, **kwargs)
         self._last = (time.perf_counter(), None)
 
+    def close(self) -> None:
+        """End the bar's line, so that what follows (an error stopping the run) starts a line of its own."""
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
@@ -160,6 +181,19 @@ class ProgressWithThroughput(ProgressCallback):
             self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
 
 
+def write_failure(err: BaseException) -> str:
+    """The cause of a failed write in words: "no space left on device" for a full disk however it
+    surfaced (OSError ENOSPC, torch's `inline_container.cc ... unexpected pos`, safetensors'
+    StorageFull), else the error's own first line."""
+    text = str(err).strip()
+    full = ("no space left", "unexpected pos", "storagefull")
+    if getattr(err, "errno", None) == errno.ENOSPC or any(s in text.lower() for s in full):
+        return "no space left on device"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def checkpoint_step(folder: Path) -> int:
     """The optimizer step a `checkpoint-N` folder holds."""
     return int(folder.name.split("-")[-1])
@@ -172,10 +206,17 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return max(folders, key=checkpoint_step, default=None)
 
 
+def planned_steps(trainer: Trainer) -> int:
+    """The optimizer steps the trainer's run ends at (max_steps, or the epochs' steps)."""
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
 def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
-    """TRL's settings. On CUDA, autocast in the compute dtype, with loss scaling for fp16 (the
-    vectors stay fp32, so the scaler can unscale their gradients); on a CPU no autocast: the
-    model runs in the dtype load_base gave it (bf16, or fp32 where bf16 would be emulated)."""
+    """TRL's settings. A run with an evaluation set evaluates the untrained model at step 0
+    (not again when it resumes), so its loss curve starts from the base. On CUDA, autocast in
+    the compute dtype, with loss scaling for fp16 (the vectors stay fp32, so the scaler can
+    unscale their gradients); on a CPU no autocast: the model runs in the dtype load_base gave
+    it (bf16, or fp32 where bf16 would be emulated)."""
     train, data = recipe.train, recipe.data
     cuda = torch.cuda.is_available()
     dtype = compute_dtype(recipe.model.compute_dtype)
@@ -184,7 +225,7 @@ def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
         optimizer = AUTO_OPTIMIZER
     evaluate = has_eval and train.eval_steps > 0
     return SFTConfig(
-        output_dir=train.output_dir,
+        output_dir=str(train.run_dir),
         learning_rate=train.learning_rate,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
@@ -199,6 +240,7 @@ def trainer_arguments(recipe: SFTRecipe, has_eval: bool) -> SFTConfig:
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=train.logging_steps,
         eval_strategy="steps" if evaluate else "no",
+        eval_on_start=has_eval and not train.resume,
         eval_steps=train.eval_steps if evaluate else None,
         save_strategy="steps" if train.save_steps > 0 else "no",
         save_steps=train.save_steps if train.save_steps > 0 else 500,

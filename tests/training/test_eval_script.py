@@ -1,11 +1,16 @@
 """scripts/eval.py refuses a bad data file, flag or adapter in one line, before the base loads."""
 
+import json
+import runpy
+import sys
+
 import pytest
-from conftest import DATA_DIR, refused_before_loading
+from conftest import DATA_DIR, REPO, refused_before_loading
 
 import qvera.adapters.loading
 
 DATA = f"{DATA_DIR}/alpaca_en_demo.json"
+TARNWICK_EVAL = f"{DATA_DIR}/tarnwick_eval.jsonl"
 
 
 @pytest.mark.parametrize(
@@ -35,3 +40,14 @@ def test_eval_names_a_missing_adapter_folder_before_loading_the_base(monkeypatch
     assert (
         line == f"eval.py: error: adapter folder {tmp_path / 'x'} does not exist; pass the folder a training run saved"
     )
+
+
+def test_eval_scores_the_base_alone_with_adapter_none(tiny_llama_dir, monkeypatch, capsys):
+    """--help offers `none: the base alone` (the default), in either flag spelling."""
+    main = runpy.run_path(str(REPO / "scripts" / "eval.py"), run_name="eval")["main"]
+    argv = ["--model", tiny_llama_dir, "--adapter", "none", "--data", TARNWICK_EVAL, "--max_length", "64"]
+    monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
+    main()
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapter"] is None and report["heldout"]["examples"] == 8
+    assert report["heldout"]["loss"] > 0 and report["short_answers"]["examples"] == 8

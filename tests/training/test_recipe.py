@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
-from qvera.training.recipe import SFTRecipe, load_recipe, parse_recipe, recipe_from_dict, recipe_to_dict
+from qvera.training.recipe import (
+    SECTIONS,
+    DataConfig,
+    SFTRecipe,
+    load_recipe,
+    parse_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -102,8 +111,9 @@ def test_help_lists_every_field_with_the_recipe_value(capsys):
     assert code == 0
     for section in ("model", "vera", "data", "train"):
         assert f"\n{section}:" in raw, f"--help has no {section} group"
-        for name in SFTRecipe.__dataclass_fields__[section].default_factory.__dataclass_fields__:
-            assert f"--{name.replace('_', '-')}" in out, f"--help does not document {section}.{name}"
+        for field in dataclasses.fields(SECTIONS[section]):
+            flag = field.metadata.get("aliases", [f"--{field.name.replace('_', '-')}"])[0]
+            assert flag in out, f"--help does not document {section}.{field.name}"
     assert "(default:meta-llama/Llama-2-7b-hf)" in out and "--rankRANKrankrofthesharedprojections" in out
     assert "(default:512)" in out
 
@@ -145,9 +155,9 @@ def test_script_rejects_every_value_checkable_without_the_model(capsys, flags, m
 def test_script_rejects_an_output_folder_it_cannot_create_and_creates_nothing(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, _, err = run_script(capsys, "--output-dir", str(blocker / "run"))
+    code, _, err = run_script(capsys, "--data", "demo", "--output-dir", str(blocker / "run"))
     assert code == 2 and f"output folder {blocker / 'run'} is not writable ({blocker} is a file)" in err
-    assert sft_script().parse(["--output-dir", str(tmp_path / "new" / "run"), "--compute-dtype", "auto"])
+    assert sft_script().parse(["--data", "demo", "--output-dir", str(tmp_path / "new" / "run")])
     assert not (tmp_path / "new").exists()  # checked, not created
 
 
@@ -184,7 +194,46 @@ def test_a_failed_start_leaves_no_output_folder(capsys, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_script_without_arguments_runs_the_demo_recipe():
-    recipe = sft_script().parse([])
-    assert recipe == load_recipe(ROOT / "configs" / "demo.yaml")
-    assert recipe.data.path == "demo" and recipe.model.name == "smollm2-135m"
+def test_without_a_config_the_script_trains_with_the_documented_defaults(capsys, tmp_path):
+    """The dataclasses' defaults (VeRA's 4e-3, b at 3x, checkpointing on, runs/<run-name>), not
+    the demo's: the demo runs only when its config is named (make demo)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    recipe = sft_script().parse(["--model", "meta-llama/Llama-2-7b-hf", "--rank", "512", "--data", str(data)])
+    assert recipe == SFTRecipe(
+        model=dataclasses.replace(SFTRecipe().model, name="meta-llama/Llama-2-7b-hf"),
+        vera=dataclasses.replace(SFTRecipe().vera, rank=512),
+        data=DataConfig(path=str(data)),
+    )
+    train = recipe.train
+    assert (train.learning_rate, train.lr_scale_b, train.gradient_checkpointing) == (4e-3, 3.0, True)
+    assert train.run_dir == Path("runs/sft") and recipe.data.max_length == 512
+    named = sft_script().parse(["--data", str(data), "--run-name", "mine", "--learning_rate", "1e-3"])
+    assert named.train.run_dir == Path("runs/mine") and named.train.learning_rate == 1e-3  # either spelling
+    demo = sft_script().parse(["--config", str(ROOT / "configs" / "demo.yaml")])
+    assert demo == load_recipe(ROOT / "configs" / "demo.yaml") and demo.train.run_dir == Path("runs/demo")
+    assert "--config configs/demo.yaml" in (ROOT / "Makefile").read_text().split("\ndemo:")[1].split("\n\n")[0]
+    assert sft_script().main([]) == 2
+    assert capsys.readouterr().err == (
+        "sft.py: error: no training data: pass --data with a .json, .jsonl or .parquet file or a hub data set "
+        "(docs/your-data.md), or --config configs/demo.yaml for the demo\n"
+    )
+
+
+def test_the_7b_commands_help_shows_the_documented_defaults_and_the_flags_the_docs_use(capsys):
+    code, raw, _ = run_script(
+        capsys, "--model", "meta-llama/Llama-2-7b-hf", "--rank", "512", "--data", "x.jsonl", "--help"
+    )
+    out = " ".join(raw.split())
+    assert code == 0
+    assert "--learning-rate LEARNING_RATE peak learning rate (VeRA: about 10x LoRA's) (default: 0.004)" in out
+    assert "learning rate of the vectors b, as a multiple of learning_rate (default: 3.0)" in out
+    assert (
+        "--gradient-checkpointing [GRADIENT_CHECKPOINTING] recompute activations to save memory (default: True)" in out
+    )
+    assert "--no-gradient-checkpointing the same as --gradient-checkpointing false" in out
+    assert "--no-double-quant the same as --double-quant false" in out
+    assert "(unset: runs/<run_name>)" in out and "(default: runs/demo)" not in out
+    usage = out.split("Fine-tune")[0]
+    assert "[--model MODEL]" in usage and "[--data DATA]" in usage and "[--learning-rate LEARNING_RATE]" in usage
+    assert not any(flag in usage for flag in ("--learning_rate", "--name ", "--path "))

@@ -183,7 +183,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_curve(tiny_llama_dir
     assert all(v.dtype == torch.float32 for v in saved.values())
     assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 1_000_000
 
-    with pytest.raises(ValueError, match="already holds checkpoints .* pass --resume"):
+    with pytest.raises(ValueError, match="already holds a run .* pass --resume to continue it or --overwrite"):
         build_trainer(killed, log=quiet)
     resumed, _ = train(replace(killed, train=replace(killed.train, resume=True)), log=quiet)
     expected, got = train_losses(full.log_history), train_losses(resumed.log_history)
