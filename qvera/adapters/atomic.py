@@ -61,7 +61,7 @@ class FolderWriteError(OSError):
         where = ""
         if failed and staging is not None and failed.startswith(os.fspath(staging) + os.sep):
             where = f" ({Path(failed).relative_to(staging)})"
-        elif failed and failed not in (os.fspath(folder), os.fspath(staging)):
+        elif failed and failed != os.fspath(folder) and not Path(failed).name.startswith(_staging_prefix(folder)):
             where = f" ({failed})"
         sizes = ""
         if err.errno == errno.ENOSPC:
