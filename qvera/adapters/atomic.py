@@ -50,10 +50,10 @@ DEFAULT_FIX = "check the disk and write again, or choose another folder"
 
 
 class FolderWriteError(OSError):
-    """A disk error while writing a folder (no space, quota, read-only, permissions, I/O):
-    one line naming the folder, the file and the cause, and the fix. `errno` is the failed
-    call's (`errno.ENOSPC` for a full disk), `filename` the folder; what the folder held
-    before is untouched."""
+    """A disk error while writing a folder (no space, quota, read-only, permissions, I/O);
+    what the folder held before is untouched. `str()` is one line naming the folder, the file
+    and the cause, and the fix; as for any OSError, `errno` and `strerror` are the failed
+    call's (`errno.ENOSPC`, "No space left on device" for a full disk), `filename` the folder."""
 
     def __init__(self, folder: Path, err: OSError, staging: Path | None, size: int | None):
         cause = (err.strerror or str(err)).lower()
@@ -69,11 +69,11 @@ class FolderWriteError(OSError):
             known = [f"{_amount(size)} needed"] if size is not None else []
             known += [f"{_amount(free)} free"] if free is not None else []
             sizes = f" ({', '.join(known)})" if known else ""
-        message = f"{cause} writing {folder}{where}{sizes}: {FIXES.get(err.errno, DEFAULT_FIX)}"
-        super().__init__(err.errno, message, os.fspath(folder))
+        self.message = f"{cause} writing {folder}{where}{sizes}: {FIXES.get(err.errno, DEFAULT_FIX)}"
+        super().__init__(err.errno, err.strerror or str(err), os.fspath(folder))
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.message
 
 
 def _amount(size: int) -> str:

@@ -153,7 +153,8 @@ def test_a_disk_error_while_writing_is_one_line_naming_the_folder_and_the_cause(
         write_adapter(read_adapter(source), folder)
     needed = -(-sum(map(len, before.values())) // 1000)
     assert re.fullmatch(message.format(folder=re.escape(str(folder)), needed=needed), str(err.value)), str(err.value)
-    assert isinstance(err.value, OSError) and err.value.errno == code and err.value.filename == str(folder)
+    assert isinstance(err.value, OSError) and (err.value.errno, err.value.strerror) == (code, os.strerror(code))
+    assert err.value.filename == str(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the old adapter, byte for byte
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # the staging folder is gone
 
