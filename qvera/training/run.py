@@ -113,9 +113,8 @@ def remove_created(folder: str | Path, created: Path) -> None:
 
 
 def prepare_output_dir(train: TrainConfig) -> Path | None:
-    """Check the folder fits the request and is writable (creating it only then), remove the
-    old run's outputs for `overwrite`; return the checkpoint to resume."""
-    check_output_dir(train)
+    """Check the folder (that check_output_dir passed) is writable, creating it only then, and
+    remove the old run's outputs for `overwrite`; return the checkpoint to resume."""
     folder = train.run_dir
     if train.overwrite:
         for path in run_outputs(folder):
