@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -52,11 +53,12 @@ def builtin_smollm2_folder() -> str:
     if gguf is None:
         return SMOLLM2_HUB_ID
     target = cache_dir() / "smollm2-135m-instruct"
+    remove_dead_conversions(target.parent)
     if (target / "config.json").is_file():
         return str(target)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".convert-{os.getpid()}-"))
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -74,6 +76,29 @@ def builtin_smollm2_folder() -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def remove_dead_conversions(folder: Path) -> None:
+    """Remove the staging folders (`.convert-<pid>-*`, 135 MB each) that killed conversions
+    left in `folder`. One whose process still runs is a conversion under way and stays; one
+    named without a process id (written before they carried one) goes once an hour old."""
+    for staging in folder.glob(".convert-*"):
+        pid = staging.name.split("-")[1]
+        if pid.isdigit() and _running(int(pid)):
+            continue
+        if not pid.isdigit() and time.time() - staging.stat().st_mtime < 3600:
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def resolve_model_path(name: str) -> str:
