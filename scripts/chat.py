@@ -4,6 +4,11 @@
     python scripts/chat.py --prompt "Write a haiku about rivers."     # answer once and exit
     python scripts/chat.py --prompt "Hi" --adapter a/ --prompt "Hi" --adapter none   # one batch, JSON lines
 
+Replies are sampled (see the defaults below); --temperature 0 answers greedily, --seed makes a
+sampled reply repeatable. In a batch a greedy reply can change with the batch's size, as the
+batch's sums round otherwise; --batch-invariant keeps each reply that of its prompt alone.
+Flags take dashes or underscores (--max-new-tokens, --max_new_tokens).
+
 In the chat: /reset clears the history, /adapter FOLDER switches adapter (/adapter none: the
 base), /exit (or Ctrl-D) leaves. Ctrl-C stops the reply being written; the conversation goes on.
 """
@@ -11,6 +16,8 @@ base), /exit (or Ctrl-D) leaves. Ctrl-C stops the reply being written; the conve
 import argparse
 import json
 import sys
+
+import torch
 
 from qvera import ModelConfig, load_base
 from qvera.adapters.loading import read_adapters_for
@@ -20,13 +27,18 @@ from qvera.serving.generation import Chat, Sampling, reply_batch
 
 def main() -> None:
     defaults, model_defaults = Sampling(), ModelConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--model", default=model_defaults.name, help="base: a local folder, a hub id or the built-in smollm2-135m"
     )
-    parser.add_argument("--quantization", default=model_defaults.quantization, choices=["nf4", "int8", "bf16", "fp32"])
     parser.add_argument(
-        "--compute-dtype",
+        "--quantization",
+        default=model_defaults.quantization,
+        choices=["nf4", "int8", "bf16", "fp32"],
+        help="of the base",
+    )
+    parser.add_argument(
+        *spellings("compute-dtype"),
         default=model_defaults.compute_dtype,
         choices=COMPUTE_DTYPES,
         help="auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)",
@@ -40,8 +52,16 @@ def main() -> None:
     )
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument(*spellings("top-p"), type=float, default=defaults.top_p, help="nucleus sampling's mass")
+    parser.add_argument(
+        *spellings("max-new-tokens"), type=int, default=defaults.max_new_tokens, help="the longest reply, in tokens"
+    )
+    parser.add_argument("--seed", type=int, help="seed the sampling, so a sampled reply can be repeated")
+    parser.add_argument(
+        *spellings("batch-invariant"),
+        action="store_true",
+        help="with several --prompt: each reply bit for bit that of its prompt alone, whatever the batch (slower)",
+    )
     parser.add_argument(
         "--prompt",
         action="append",
@@ -52,7 +72,9 @@ def main() -> None:
 
     try:
         sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
-    except ValueError as err:
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+    except (ValueError, RuntimeError) as err:  # a seed outside the generator's range
         parser.error(str(err))
     if len(args.adapter) > 1 and len(args.adapter) != len(args.prompt):
         parser.error(
@@ -71,7 +93,9 @@ def main() -> None:
         names = args.adapter if len(args.adapter) > 1 else (args.adapter or ["none"]) * len(args.prompt)
         folders = [None if name == "none" else name for name in names]
         try:
-            replies = reply_batch(model, tokenizer, args.prompt, folders, args.system, sampling)
+            replies = reply_batch(
+                model, tokenizer, args.prompt, folders, args.system, sampling, batch_invariant=args.batch_invariant
+            )
         except (ValueError, FileNotFoundError) as err:
             sys.exit(f"error: {err}")
         for prompt, folder, reply in zip(args.prompt, folders, replies):
@@ -103,6 +127,15 @@ def main() -> None:
             continue
         if line.strip():
             answer(chat, line)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, each option's default after its help."""
+
+
+def spellings(name: str) -> list[str]:
+    """A flag with dashes and with underscores, as sft.py takes both."""
+    return [f"--{name}", f"--{name.replace('-', '_')}"]
 
 
 def answer(chat: Chat, line: str) -> None:

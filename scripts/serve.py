@@ -4,6 +4,8 @@ continuous batching: a request joins the running batch at the next step, whateve
     python scripts/serve.py --model smollm2-135m --adapters adapters/
     # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").chat.completions.create(
     #           model="<adapter folder name>", messages=[...])
+
+Flags take dashes or underscores (--max-tokens, --max_tokens). docs/serving.md has the details.
 """
 
 import argparse
@@ -20,51 +22,73 @@ from qvera.serving.store import adapter_folders
 
 def main() -> None:
     defaults, model_defaults, options = Sampling(), ModelConfig(), ServeOptions()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--model", default=model_defaults.name, help="base: a local folder, a hub id or the built-in smollm2-135m"
     )
-    parser.add_argument("--quantization", default=model_defaults.quantization, choices=["nf4", "int8", "bf16", "fp32"])
     parser.add_argument(
-        "--compute-dtype",
+        "--quantization",
+        default=model_defaults.quantization,
+        choices=["nf4", "int8", "bf16", "fp32"],
+        help="of the base",
+    )
+    parser.add_argument(
+        *spellings("compute-dtype"),
         default=model_defaults.compute_dtype,
         choices=COMPUTE_DTYPES,
         help="auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)",
     )
     parser.add_argument("--adapters", required=True, help="folder of adapter folders; a request's `model` names one")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     parser.add_argument(
-        "--api-key",
+        *spellings("api-key"),
         default=os.environ.get("QVERA_API_KEY"),
         help="require `Authorization: Bearer KEY` on /v1 routes (default: $QVERA_API_KEY; none: open)",
     )
     parser.add_argument(
-        "--max-resident",
+        *spellings("max-resident"),
         type=int,
         default=options.max_resident,
         help="adapters kept in memory; the least recently used leave",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=options.max_batch_size, help="requests generating at once"
+        *spellings("max-batch-size"), type=int, default=options.max_batch_size, help="requests generating at once"
     )
     parser.add_argument(
-        "--prefill-tokens", type=int, default=options.prefill_tokens, help="prompt tokens fed per prefill step"
+        *spellings("prefill-tokens"),
+        type=int,
+        default=options.prefill_tokens,
+        help="prompt tokens fed per prefill step",
     )
     parser.add_argument(
-        "--max-body-bytes", type=int, default=options.max_body_bytes, help="larger request bodies get a 413"
+        *spellings("max-body-bytes"), type=int, default=options.max_body_bytes, help="larger request bodies get a 413"
     )
     parser.add_argument(
-        "--request-timeout", type=float, default=options.request_timeout, help="seconds a generation may take"
+        *spellings("request-timeout"), type=float, default=options.request_timeout, help="seconds a generation may take"
     )
     parser.add_argument(
-        "--batch-invariant",
+        *spellings("read-timeout"),
+        type=float,
+        default=options.read_timeout,
+        help="seconds a client has to send a whole request; slower ones are closed",
+    )
+    parser.add_argument(
+        *spellings("max-pending"),
+        type=int,
+        default=options.max_pending,
+        help="requests waiting or generating at once; more get a 503",
+    )
+    parser.add_argument(
+        *spellings("batch-invariant"),
         action="store_true",
         help="a reply is bit for bit that of its request alone, whatever shares the batch (slower)",
     )
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="when a request gives none")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="when a request gives none")
-    parser.add_argument("--max-tokens", type=int, default=defaults.max_new_tokens, help="when a request gives none")
+    parser.add_argument(*spellings("top-p"), type=float, default=defaults.top_p, help="when a request gives none")
+    parser.add_argument(
+        *spellings("max-tokens"), type=int, default=defaults.max_new_tokens, help="when a request gives none"
+    )
     args = parser.parse_args()
 
     # Everything checkable without the base is checked before it loads (minutes for 7B).
@@ -95,6 +119,15 @@ def main() -> None:
         flush=True,
     )
     server.serve(sock)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, each option's default after its help."""
+
+
+def spellings(name: str) -> list[str]:
+    """A flag with dashes and with underscores, as sft.py takes both."""
+    return [f"--{name}", f"--{name.replace('-', '_')}"]
 
 
 if __name__ == "__main__":

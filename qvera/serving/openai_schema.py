@@ -32,6 +32,8 @@ COMMON = {
     "response_format",
     *IGNORED,
 }
+# Accepted only at a value that changes nothing (0, empty, text, best_of = n): not "supported".
+NEUTRAL_ONLY = {"presence_penalty", "frequency_penalty", "logit_bias", "response_format", "echo", "suffix", "best_of"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 TEXT_FIELDS = COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_CHOICES, MAX_STOPS, MAX_TOP_LOGPROBS = 8, 4, 20
@@ -75,7 +77,10 @@ def parse(body, tokenizer, defaults: Sampling, context: int | None, chat: bool) 
     unknown = sorted(set(body) - fields)
     if unknown:
         raise RequestError(
-            400, f"unsupported parameter {unknown[0]!r}; this endpoint supports {sorted(fields)}", unknown[0]
+            400,
+            f"unsupported parameter {unknown[0]!r}; this endpoint supports {sorted(fields - NEUTRAL_ONLY - IGNORED)}, "
+            f"ignores {sorted(IGNORED)} and takes {sorted(fields & NEUTRAL_ONLY)} only at values that change nothing",
+            unknown[0],
         )
     name = body.get("model")
     if not isinstance(name, str) or not name:

@@ -21,7 +21,7 @@ from qvera.adapters import save_adapter
 from qvera.serving.app import ServeOptions, Server
 from qvera.serving.generation import Sampling, generate
 
-SECONDS, TIMEOUT, MAX_TOKENS = 20.0, 15.0, 3
+SECONDS, TIMEOUT, MAX_TOKENS = 15.0, 15.0, 3
 STEADY, FLEETING = ["a", "b", "c"], "d"  # rewritten in turn; deleted and saved again
 QUESTION = [{"role": "user", "content": "Tell me about rivers."}]
 

@@ -18,7 +18,7 @@ from qvera.adapters import save_adapter
 from qvera.serving.app import ServeOptions, Server
 from qvera.serving.generation import Sampling
 
-REQUESTS, SECONDS, CLIENTS = 3000, 40.0, 16
+REQUESTS, SECONDS, CLIENTS = 2500, 30.0, 16
 NUMBERS = [0, 1, 2, -1, 7, 2**31 - 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1, 10**30]
 NUMBERS += [0.0, 0.5, -0.0, 1e-320, 1e308, -1e308, 3.5, float("nan"), float("inf"), float("-inf")]
 TEXTS = [

@@ -198,3 +198,12 @@ def test_logprobs_keep_a_split_characters_bytes_and_leave_out_the_stop_string(se
     assert stopped.choices[0].message.content == "".join(tokens[:cut])
     assert [t.token for t in stopped.choices[0].logprobs.content] == tokens[:cut]
     assert stopped.usage.completion_tokens == cut and stopped.choices[0].finish_reason == "stop"
+
+
+def test_the_400_for_tools_lists_as_supported_only_what_is(served):
+    reply = post(served[1], "chat/completions", chat("a", tools=[]))
+    message = reply.json()["error"]["message"]
+    assert reply.status_code == 400 and message.startswith("unsupported parameter 'tools'; this endpoint supports [")
+    supported = message.split("supports ")[1].split("]")[0]
+    assert "'temperature'" in supported and "logit_bias" not in supported and "penalty" not in supported
+    assert "takes ['frequency_penalty', 'logit_bias', 'presence_penalty', 'response_format'] only at values" in message
