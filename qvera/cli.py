@@ -14,6 +14,8 @@ import argparse
 import dataclasses
 import sys
 
+from peft import PeftModel
+
 from qvera.adapters.format import DTYPES, describe, read_adapter, write_adapter
 from qvera.adapters.loading import load_adapted, meta_base, read_adapters_for, read_any
 from qvera.adapters.lora_export import LORA_DTYPES, export_lora
@@ -22,6 +24,7 @@ from qvera.adapters.peft_interop import export_peft, import_peft
 from qvera.core.base import QUANTIZATIONS, load_base
 from qvera.core.config import ModelConfig
 from qvera.serving.generation import GREEDY, reply_batch
+from qvera.training.evaluate import heldout_loss, load_examples
 
 LOAD_CHECK_TOKENS = 32
 
@@ -31,18 +34,34 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_export(args) -> None:
-    if args.rank is not None and args.to != "lora":
-        raise ValueError("--rank applies to --to lora only; a VeRA adapter keeps its rank")
+    if (args.rank is not None or args.eval_data) and args.to != "lora":
+        raise ValueError("--rank and --eval-data apply to --to lora only; a VeRA adapter keeps its rank")
     adapter = read_adapter(args.adapter)
     if args.to == "peft":
         export_peft(adapter, args.out, save_projection=args.save_projection)
     elif args.to == "lora":
         print(export_lora(adapter, args.out, dtype=LORA_DTYPES[args.dtype], rank=args.rank).summary())
+        if args.eval_data:
+            print(heldout_change(args.adapter, args.out, args.eval_data))
     elif args.dtype not in DTYPES:
         raise ValueError(f"qvera adapters are saved as {' or '.join(sorted(DTYPES))}, not {args.dtype}")
     else:
         write_adapter(adapter, args.out, dtype=DTYPES[args.dtype])
     print(f"wrote {args.to} adapter {args.out}")
+
+
+def heldout_change(adapter_folder: str, lora_folder: str, data: str) -> str:
+    """The held-out loss of the adapter (qvera) and of its LoRA export (peft), on the fp32 base
+    the adapter records: what a truncated rank costs where it counts."""
+    convs = load_examples(data)
+    model, tokenizer = load_adapted(ModelConfig(name="", quantization="fp32"), adapter_folder)
+    vera = heldout_loss(model, tokenizer, convs)
+    base, _ = load_base(ModelConfig(name=model.qvera_base_name, quantization="fp32"))
+    lora = heldout_loss(PeftModel.from_pretrained(base, lora_folder), tokenizer, convs)
+    return (
+        f"held-out loss on {data} ({vera['examples']} examples, {vera['tokens']} answer tokens, fp32 base): "
+        f"VeRA {vera['loss']:.4f}, LoRA {lora['loss']:.4f} ({lora['loss'] - vera['loss']:+.4f})"
+    )
 
 
 def cmd_convert(args) -> None:
@@ -109,6 +128,10 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help="lora only: a lower LoRA rank for engines with a cap (vLLM 512), by a truncated SVD per layer; "
         "prints each layer's error",
+    )
+    p.add_argument(
+        "--eval-data",
+        help="lora only: a data file (as sft.py reads) to print the held-out loss of the adapter and of the export",
     )
     p.add_argument(
         "--save-projection", action="store_true", help="peft only: also store A and B (peft's save_projection)"

@@ -158,7 +158,7 @@ def test_export_to_lora(saved, tmp_path, capsys):
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 4)
     assert len(lora_factors(read_adapter(qvera_folder))) == 14
     assert main(["export", str(qvera_folder), str(tmp_path / "x"), "--to", "peft", "--rank", "4"]) == 2
-    assert "--rank applies to --to lora only" in capsys.readouterr().err
+    assert "--rank and --eval-data apply to --to lora only" in capsys.readouterr().err
     assert main(["export", str(qvera_folder), str(tmp_path / "x"), "--dtype", "float16"]) == 2
     assert "qvera adapters are saved as bfloat16 or float32, not float16" in capsys.readouterr().err
 
@@ -183,3 +183,24 @@ def test_disk_errors_are_one_line_naming_the_path(saved, tmp_path, capsys, monke
     monkeypatch.setattr("qvera.cli.read_any", failing_disk)
     assert main(["inspect", str(qvera_folder)]) == 1
     assert capsys.readouterr().err == f"qvera inspect: error: {qvera_folder / CONFIG_FILE}: Input/output error\n"
+
+
+def test_lora_export_reports_the_heldout_loss(saved, tmp_path, capsys):
+    rows = [("What is the capital of France?", "Paris."), ("Name a primary color.", "Blue."), ("2 + 2?", "4.")]
+    data = tmp_path / "heldout.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            for q, a in rows
+        )
+    )
+    losses = {}
+    for rank in ("8", "1"):
+        argv = ["export", str(saved[0]), str(tmp_path / rank), "--to", "lora", "--rank", rank, "--eval-data", str(data)]
+        assert main(argv) == 0
+        line = capsys.readouterr().out.splitlines()[-2]
+        assert line.startswith(f"held-out loss on {data} (3 examples, ") and "fp32 base): VeRA " in line
+        vera, lora = (float(part.split()[-1]) for part in line.split(": ", 1)[1].split(" (")[0].split(", "))
+        losses[rank] = vera, lora
+    assert losses["8"][1] == pytest.approx(losses["8"][0], abs=1e-4)  # the adapter's rank: exact
+    assert abs(losses["1"][1] - losses["1"][0]) > 1e-3  # rank 1 of 8 moves it
