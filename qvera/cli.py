@@ -16,8 +16,8 @@ import sys
 
 from peft import PeftModel
 
-from qvera.adapters.format import DTYPES, describe, read_adapter, write_adapter
-from qvera.adapters.loading import load_adapted, meta_base, read_adapters_for, read_any
+from qvera.adapters.format import DTYPES, Adapter, describe, read_adapter, write_adapter
+from qvera.adapters.loading import attach_adapter, load_adapted, meta_base, read_adapters_for, read_any
 from qvera.adapters.lora_export import LORA_DTYPES, export_lora
 from qvera.adapters.merge import merge_to_folder
 from qvera.adapters.peft_interop import export_peft, import_peft
@@ -42,7 +42,7 @@ def cmd_export(args) -> None:
     elif args.to == "lora":
         print(export_lora(adapter, args.out, dtype=LORA_DTYPES[args.dtype], rank=args.rank).summary())
         if args.eval_data:
-            print(heldout_change(args.adapter, args.out, args.eval_data))
+            print(heldout_change(adapter, args.out, args.eval_data))
     elif args.dtype not in DTYPES:
         raise ValueError(f"qvera adapters are saved as {' or '.join(sorted(DTYPES))}, not {args.dtype}")
     else:
@@ -50,14 +50,14 @@ def cmd_export(args) -> None:
     print(f"wrote {args.to} adapter {args.out}")
 
 
-def heldout_change(adapter_folder: str, lora_folder: str, data: str) -> str:
-    """The held-out loss of the adapter (qvera) and of its LoRA export (peft), on the fp32 base
-    the adapter records: what a truncated rank costs where it counts."""
+def heldout_change(adapter: Adapter, lora_folder: str, data: str) -> str:
+    """The held-out loss of the LoRA export (under peft) and of the adapter (under qvera) on
+    one fp32 load of the base the adapter records: what a truncated rank costs where it counts."""
     convs = load_examples(data)
-    model, tokenizer = load_adapted(ModelConfig(name="", quantization="fp32"), adapter_folder)
-    vera = heldout_loss(model, tokenizer, convs)
-    base, _ = load_base(ModelConfig(name=model.qvera_base_name, quantization="fp32"))
-    lora = heldout_loss(PeftModel.from_pretrained(base, lora_folder), tokenizer, convs)
+    base, tokenizer = load_base(ModelConfig(name=adapter.config["base_model"]["name"] or "", quantization="fp32"))
+    lora_model = PeftModel.from_pretrained(base, lora_folder)
+    lora = heldout_loss(lora_model, tokenizer, convs)
+    vera = heldout_loss(attach_adapter(lora_model.unload(), adapter), tokenizer, convs)
     return (
         f"held-out loss on {data} ({vera['examples']} examples, {vera['tokens']} answer tokens, fp32 base): "
         f"VeRA {vera['loss']:.4f}, LoRA {lora['loss']:.4f} ({lora['loss'] - vera['loss']:+.4f})"
