@@ -157,6 +157,8 @@ def test_export_to_lora(saved, tmp_path, capsys):
     config = json.loads((tmp_path / "lora4" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 4)
     assert len(lora_factors(read_adapter(qvera_folder))) == 14
+    assert main(["export", str(qvera_folder), str(tmp_path / "x"), "--to", "lora", "--rank", "0"]) == 2
+    assert "--rank must be at least 1, not 0" in capsys.readouterr().err
     assert main(["export", str(qvera_folder), str(tmp_path / "x"), "--to", "peft", "--rank", "4"]) == 2
     assert "--rank and --eval-data apply to --to lora only" in capsys.readouterr().err
     assert main(["export", str(qvera_folder), str(tmp_path / "x"), "--dtype", "float16"]) == 2
