@@ -282,9 +282,12 @@ def read_files(folder: str | Path, names: list[str]) -> dict[str, bytes | None]:
         try:
             handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
-            between_renames = any(folder.parent.glob(f"{_old_prefix(folder)}*"))
-            if between_renames and attempt + 1 < READ_ATTEMPTS:
+            # Missing for an instant between two renames: a writer's old folder beside it says
+            # one is under way; the path back already says one just finished.
+            if attempt + 1 < READ_ATTEMPTS and any(folder.parent.glob(f"{_old_prefix(folder)}*")):
                 time.sleep(SWAP_WAIT_S)
+                continue
+            if attempt + 1 < READ_ATTEMPTS and folder.exists():
                 continue
             raise
         try:
