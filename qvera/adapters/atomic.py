@@ -199,12 +199,15 @@ def _publish(staging: Path, folder: Path) -> None:
             continue
         try:
             os.rename(staging, folder)
-            return
-        except OSError as err:  # another writer published between the two renames: go again
+        except OSError as err:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                with suppress(OSError):  # the write failed: the old folder goes back
+                    os.rename(old, folder)
                 raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # another writer published between the two renames
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        return
 
 
 def _check_replaceable(folder: Path, replaceable: set[str] | None) -> None:

@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 from conftest import REPO, adapted
 
+import qvera.adapters.atomic as atomic
 from qvera.adapters.atomic import FolderWriteError, atomic_folder, recover
 from qvera.adapters.format import read_adapter, save_adapter, write_adapter
 
@@ -199,3 +200,26 @@ def test_a_full_disk_keeps_the_old_adapter_and_says_so_in_one_line(saved, tiny_d
     (tiny_disk / "filler").unlink()
     write_adapter(adapter, folder)  # space freed: the same call now succeeds
     assert all(torch.equal(read_adapter(folder).vectors[k], vectors[k] + 1) for k in vectors)
+
+
+def test_a_failed_second_rename_puts_the_old_adapter_back(saved, tmp_path, monkeypatch):
+    """Without an atomic exchange a write takes two renames; when the second fails the path
+    must not stay empty."""
+    source, _ = saved
+    folder = write_adapter(read_adapter(source), tmp_path / "adapter")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_rename = os.rename
+
+    def second_rename_fails(source, destination):
+        staged = os.path.basename(source).startswith(".adapter.tmp-")
+        if staged and os.fspath(destination) == str(folder) and any(tmp_path.glob(".adapter.old-*")):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(destination))
+        return real_rename(source, destination)
+
+    monkeypatch.setattr(atomic, "_RENAMEAT2", None)
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(FolderWriteError, match=f"^input/output error writing {re.escape(str(folder))}: "):
+        write_adapter(read_adapter(source), folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
