@@ -10,7 +10,7 @@ client input gets a 4xx, never a 5xx. A client has `read_timeout` seconds to sen
 request (`SlowClientsClose`), and at most `max_pending` requests wait or generate at once.
 `/health` answers 503, saying why, once the generation worker has stopped or stalled.
 
-It runs a little over 300 lines: every route, its streaming and its cancellation read best
+It runs over 400 lines: every route, its streaming and its cancellation read best
 side by side; the request schema and the batcher live in their own modules.
 """
 
