@@ -5,7 +5,6 @@ says it should."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters.format import adapter_from_model
 from qvera.adapters.lora_export import export_lora, lora_factors
 from qvera.core.attach import vera_layers
-from qvera.core.bnb import is_4bit
 from qvera.core.vera import delta_weight, generate_projections
+from tests.adapters.test_peft_interop import peft_model
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +38,6 @@ def vera_model(base_dir, quantization="fp32", compute_dtype="bfloat16", **vera):
             if layer.lambda_m is not None:  # away from ||W0||, so a wrong norm convention shows
                 layer.lambda_m.mul_(1 + 0.3 * torch.rand(layer.lambda_m.shape, generator=generator))
     return model, tokenizer
-
-
-def peft_lora(base_dir, folder, quantization="fp32", compute_dtype="bfloat16"):
-    from peft import PeftModel
-
-    base, _ = load_base(ModelConfig(name=str(base_dir), quantization=quantization, compute_dtype=compute_dtype))
-    for module in base.modules():
-        if is_4bit(module):  # bitsandbytes' CPU repacking crashes on the tiny model's 160-wide layers
-            module.support_avx512bf16_for_cpu = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(base, str(folder))
 
 
 @pytest.mark.parametrize(
@@ -78,7 +65,7 @@ def test_peft_lora_gives_qvera_logits(tiny_llama_dir, odd_llama_dir, tmp_path, b
     assert {f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"} <= keys
     assert (f"{layer}.lora_magnitude_vector" in keys) == vera.get("magnitude", False)
     assert result.exact and result.rank == rank
-    diff = (logits(peft_lora(base_dir, result.folder), tokenizer) - logits(model, tokenizer)).abs().max()
+    diff = (logits(peft_model(base_dir, result.folder), tokenizer) - logits(model, tokenizer)).abs().max()
     assert diff <= 1e-5
 
 
@@ -89,7 +76,7 @@ def test_peft_lora_on_a_4bit_base(tiny_llama_dir, tmp_path, magnitude):
         model, tokenizer = vera_model(tiny_llama_dir, "nf4", compute_dtype, rank=8, magnitude=magnitude)
         ours[compute_dtype] = logits(model, tokenizer)
         folder = export_lora(adapter_from_model(model), tmp_path / compute_dtype).folder
-        theirs[compute_dtype] = logits(peft_lora(tiny_llama_dir, folder, "nf4", compute_dtype), tokenizer)
+        theirs[compute_dtype] = logits(peft_model(tiny_llama_dir, folder, "nf4", compute_dtype), tokenizer)
     # In fp32 on the same 4-bit weights, peft's LoRA is qvera's VeRA ...
     assert (theirs["float32"] - ours["float32"]).abs().max() <= 1e-5
     # ... in bf16 the two differ by no more than bf16 rounding moves either away from fp32.
@@ -148,8 +135,8 @@ def test_rank_below_the_adapters_truncates_by_svd(tiny_llama_dir, tmp_path):
     summary = export_lora(adapter, tmp_path / "summary", rank=4).summary()
     assert "LoRA rank 4:" in summary and f"max {worst[4]:.3g}" in summary
     assert "against VeRA's" in summary and "exact" in export_lora(adapter, tmp_path / "whole").summary()
-    full = peft_lora(tiny_llama_dir, tmp_path / "r24")
-    cut = peft_lora(tiny_llama_dir, tmp_path / "r4")
+    full = peft_model(tiny_llama_dir, tmp_path / "r24")
+    cut = peft_model(tiny_llama_dir, tmp_path / "r4")
     ours = logits(model, tokenizer)
     assert (logits(full, tokenizer) - ours).abs().max() <= 1e-5
     assert (logits(cut, tokenizer) - ours).abs().max() > 1e-3
