@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from qvera.core.attach import (
-    PROJECTIONS_ATTR,
     find_targets,
+    has_vera,
     shared_projections,
     vera_layers,
 )
@@ -83,7 +83,7 @@ def check_fits(adapter: Adapter, model: nn.Module, *, source: str | None = None)
     config = adapter.config
     _check_base(config["base_model"], describe_base(model), source)
     _check_targets(config["targets"], model_targets(model, config["targets"]), source)
-    if hasattr(model, PROJECTIONS_ATTR):
+    if has_vera(model):
         projections = shared_projections(model)
         rank, seed = projections.rank, projections.seed
         if config["rank"] != rank:
@@ -109,14 +109,14 @@ def check_fits(adapter: Adapter, model: nn.Module, *, source: str | None = None)
 
 def model_targets(model: nn.Module, names) -> dict[str, list[int]]:
     """[out, in] of the model's VeRA layers, or, on a bare model, of the named linear layers."""
-    if hasattr(model, PROJECTIONS_ATTR):
+    if has_vera(model):
         return target_shapes(model)
     return {n: [m.out_features, m.in_features] for n, m in find_targets(model, sorted(names)).items()}
 
 
 def model_fingerprint(model: nn.Module, rank: int, seed: int, targets: dict[str, list[int]]) -> str:
     """The fingerprint of the model's projections, or of those attach_vera would generate."""
-    if hasattr(model, PROJECTIONS_ATTR):
+    if has_vera(model):
         projections = shared_projections(model)
         return projections_fingerprint(projections.A, projections.B)
     a_shape, b_shape = projection_shapes(rank, targets)

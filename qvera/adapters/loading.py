@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qvera.adapters.fit import check_fits
 from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, Adapter, read_adapter
 from qvera.adapters.peft_interop import import_peft, peft_type
-from qvera.core.attach import PROJECTIONS_ATTR, attach_vera, load_vector_state
+from qvera.core.attach import attach_vera, has_vera, load_vector_state
 from qvera.core.base import load_base, resolve_model_path
 from qvera.core.config import ModelConfig
 
@@ -24,7 +24,7 @@ def attach_adapter(model: nn.Module, adapter: str | Path | Adapter) -> nn.Module
     if not isinstance(adapter, Adapter):
         adapter = read_adapter(adapter)
     check_fits(adapter, model)
-    if not hasattr(model, PROJECTIONS_ATTR):
+    if not has_vera(model):
         attach_vera(model, adapter.vera_config)
     load_vector_state(model, adapter.vectors)
     return model

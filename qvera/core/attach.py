@@ -35,7 +35,7 @@ def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> 
     """Wrap the target layers in place and freeze everything but the vectors."""
     if config.rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {config.rank}")
-    if hasattr(model, PROJECTIONS_ATTR):
+    if has_vera(model):
         raise ValueError("this model already has VeRA attached; load more adapters with qvera.adapters instead")
     targets = find_targets(model, config.target_modules)
     in_max = max(m.in_features for m in targets.values())
@@ -58,6 +58,11 @@ def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> 
     return model
 
 
+def has_vera(model: nn.Module) -> bool:
+    """Whether `attach_vera` has run on this model (it owns one shared A and B)."""
+    return hasattr(model, PROJECTIONS_ATTR)
+
+
 def vera_layers(model: nn.Module) -> dict[str, VeraLinear]:
     """Every VeRA layer of the model by its module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, VeraLinear)}
@@ -65,7 +70,7 @@ def vera_layers(model: nn.Module) -> dict[str, VeraLinear]:
 
 def shared_projections(model: nn.Module) -> SharedProjections:
     """The model's one A and B; raises ValueError when no VeRA is attached."""
-    if not hasattr(model, PROJECTIONS_ATTR):
+    if not has_vera(model):
         raise ValueError("this model has no VeRA attached; call qvera.attach_vera(model, VeraConfig(...)) first")
     return getattr(model, PROJECTIONS_ATTR)
 

@@ -28,7 +28,7 @@ from torch import nn
 from qvera.adapters.fit import check_fits
 from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, Adapter
 from qvera.adapters.loading import is_adapter_folder, read_any
-from qvera.core.attach import PROJECTIONS_ATTR, attach_vera
+from qvera.core.attach import attach_vera, has_vera
 from qvera.core.config import VeraConfig
 from qvera.serving.bank import AdapterBank
 from qvera.serving.openai_schema import RequestError
@@ -57,13 +57,13 @@ class AdapterStore:
     def __init__(self, model: nn.Module, folder: str | Path, max_resident: int = 64, log=None):
         self.model, self.folder = model, Path(folder)
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        names = adapter_folders(self.folder, at_least_one=not hasattr(model, PROJECTIONS_ATTR))
+        names = adapter_folders(self.folder, at_least_one=not has_vera(model))
         self.lock = threading.Lock()
         self.verdicts: dict[str, tuple[tuple, str | None]] = {}  # name -> (stamp, why unservable)
         self.pins: Counter[str] = Counter()  # version key -> requests holding it
         self.current: dict[str, tuple[str, tuple]] = {}  # name -> (its newest version's key, stamp)
         self.versions = 0
-        if not hasattr(model, PROJECTIONS_ATTR):
+        if not has_vera(model):
             attach_vera(model, self._shared_vera_config(names))
         # Vectors kept in the compute dtype (bf16 for an NF4 base): half the memory, same results.
         self.bank = AdapterBank(model, max_resident=max_resident, dtype=model.dtype)

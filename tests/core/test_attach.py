@@ -13,7 +13,7 @@ from peft import get_peft_model
 from transformers import LlamaForCausalLM
 
 import qvera
-from qvera.core.attach import find_targets, vector_state, vera_layers
+from qvera.core.attach import find_targets, has_vera, vector_state, vera_layers
 from qvera.core.vera import VeraLinear
 
 
@@ -92,7 +92,11 @@ def test_nf4_logits_and_gradients_match_peft_within_bf16(tmp_path, fold):
 
 def test_all_linear_wraps_every_linear_but_the_head():
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=300, tie_word_embeddings=False))
+    assert not has_vera(model)
     qvera.attach_vera(model, qvera.VeraConfig(rank=16))
+    assert has_vera(model)
+    with pytest.raises(ValueError, match="already has VeRA attached"):
+        qvera.attach_vera(model, qvera.VeraConfig(rank=16))
     names = set(vera_layers(model))
     assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
     assert not isinstance(model.lm_head, VeraLinear)
