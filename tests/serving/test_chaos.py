@@ -16,10 +16,11 @@ import pytest
 import torch
 from conftest import save_tiny_llama
 
-from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state, vector_state
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state
 from qvera.adapters import save_adapter
 from qvera.serving.app import ServeOptions, Server
 from qvera.serving.generation import Sampling, generate
+from tests.serving.test_generation import random_vectors
 
 SECONDS, TIMEOUT, MAX_TOKENS = 15.0, 15.0, 3
 STEADY, FLEETING = ["a", "b", "c"], "d"  # rewritten in turn; deleted and saved again
@@ -40,8 +41,7 @@ def setup(tmp_path_factory):
     versions, expected = {}, {}
     for i, name in enumerate([*STEADY, FLEETING]):
         for version in (0, 1):
-            generator = torch.Generator().manual_seed(10 * i + version)
-            vectors = {k: torch.randn(v.shape, generator=generator) for k, v in vector_state(writer).items()}
+            vectors = random_vectors(writer, 10 * i + version)
             versions[name, version] = vectors
             load_vector_state(writer, vectors)
             greedy = Sampling(0.0, 1.0, MAX_TOKENS)

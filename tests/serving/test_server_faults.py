@@ -12,18 +12,14 @@ import pytest
 import torch
 from conftest import save_tiny_llama
 
-from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state, vector_state
+from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state
 from qvera.adapters import save_adapter
 from qvera.serving.app import ServeOptions, Server
 from qvera.serving.generation import Sampling, generate
 from qvera.serving.sampling import token_logprobs
+from tests.serving.test_generation import random_vectors
 
 QUESTION = [{"role": "user", "content": "Tell me about rivers."}]
-
-
-def random_vectors(model, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=generator) for k, v in vector_state(model).items()}
 
 
 @pytest.fixture(scope="module")
