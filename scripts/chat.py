@@ -21,6 +21,7 @@ import torch
 
 from qvera import ModelConfig, load_base
 from qvera.adapters.loading import read_adapters_for
+from qvera.core.config import HelpFormatter, spellings
 from qvera.core.hardware import COMPUTE_DTYPES
 from qvera.serving.generation import Chat, Sampling, reply_batch
 
@@ -127,15 +128,6 @@ def main() -> None:
             continue
         if line.strip():
             answer(chat, line)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, each option's default after its help."""
-
-
-def spellings(name: str) -> list[str]:
-    """A flag with dashes and with underscores, as sft.py takes both."""
-    return [f"--{name}", f"--{name.replace('-', '_')}"]
 
 
 def answer(chat: Chat, line: str) -> None:

@@ -17,10 +17,9 @@ import sys
 from transformers.utils import logging as hf_logging
 
 from qvera.adapters.loading import load_adapted
-from qvera.core.config import ModelConfig
+from qvera.core.config import HelpFormatter, ModelConfig, spellings, tidy_flags
 from qvera.core.hardware import COMPUTE_DTYPES
 from qvera.training.evaluate import exact_match, heldout_loss, load_examples
-from qvera.training.recipe import HelpFormatter, tidy_flags
 
 NO_ADAPTER = "none"
 
@@ -40,16 +39,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="which subset --limit picks")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"], help="of the base")
     parser.add_argument(
-        "--compute-dtype",
-        "--compute_dtype",
+        *spellings("compute-dtype"),
         default=ModelConfig.compute_dtype,
         choices=COMPUTE_DTYPES,
         help="auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)",
     )
-    parser.add_argument(
-        "--max-length", "--max_length", type=int, default=256, help="tokens per example, as in training"
-    )
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=8, help="examples per forward pass")
+    parser.add_argument(*spellings("max-length"), type=int, default=256, help="tokens per example, as in training")
+    parser.add_argument(*spellings("batch-size"), type=int, default=8, help="examples per forward pass")
     tidy_flags(parser)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()

@@ -14,6 +14,7 @@ import os
 import sys
 
 from qvera import ModelConfig, load_base
+from qvera.core.config import HelpFormatter, spellings
 from qvera.core.hardware import COMPUTE_DTYPES
 from qvera.serving.app import ServeOptions, Server, bind_address
 from qvera.serving.generation import Sampling
@@ -119,15 +120,6 @@ def main() -> None:
         flush=True,
     )
     server.serve(sock)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, each option's default after its help."""
-
-
-def spellings(name: str) -> list[str]:
-    """A flag with dashes and with underscores, as sft.py takes both."""
-    return [f"--{name}", f"--{name.replace('-', '_')}"]
 
 
 if __name__ == "__main__":

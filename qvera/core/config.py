@@ -1,11 +1,13 @@
 """Run descriptions as dataclasses; the YAML files under configs/ mirror them field for field.
 
 Each field carries its own help text (`metadata={"help": ...}`), which transformers'
-HfArgumentParser turns into a command-line flag named after the field.
+HfArgumentParser turns into a command-line flag named after the field. The help formatter and
+flag spellings below are shared by every command, so their flags read and parse alike.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -127,3 +129,33 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of sections at the top level")
     return data
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A command's description as written, and each flag's default after its help."""
+
+
+def tidy_flags(parser: argparse.ArgumentParser, hidden: set[str] = frozenset()) -> None:
+    """Show each flag in the spelling the docs use (hyphens: --learning-rate) while every spelling
+    it was given still parses (--learning_rate, and the `hidden` names); each --no-X flag says what it does.
+
+    argparse parses through its table of option strings and prints `option_strings`: trimming the
+    latter changes the help and the usage line only.
+    """
+    for action in parser._actions:
+        shown = [s for s in action.option_strings if "_" not in s and s not in hidden]
+        if shown and shown != action.option_strings:
+            action.option_strings = shown
+            name = shown[0].lstrip("-").replace("-", "_")
+            if action.nargs != 0 and action.metavar is None and name != action.dest:  # --model MODEL, not NAME
+                action.metavar = name.upper()
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction):
+            positive = next(a for a in parser._actions if a.dest == action.dest and a is not action)
+            action.help = f"the same as {positive.option_strings[0]} false"
+            action.default = argparse.SUPPRESS  # the positive flag holds the default
+
+
+def spellings(name: str) -> list[str]:
+    """A flag with dashes and with underscores (--top-p, --top_p): commands take both."""
+    return [f"--{name}", f"--{name.replace('-', '_')}"]

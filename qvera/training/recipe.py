@@ -18,7 +18,7 @@ from transformers.training_args import OptimizerNames
 
 from qvera.adapters.peft_interop import NO_PEFT_DVORA
 from qvera.core.base import QUANTIZATIONS
-from qvera.core.config import ModelConfig, VeraConfig, from_dict, load_yaml, option
+from qvera.core.config import HelpFormatter, ModelConfig, VeraConfig, from_dict, load_yaml, option, tidy_flags
 from qvera.core.hardware import COMPUTE_DTYPES
 from qvera.core.random_base import is_random, random_config
 
@@ -216,31 +216,6 @@ def _check_writable(folder: Path) -> None:
         raise ValueError(
             f"output folder {folder} is not writable ({existing} does not allow writing); choose another --output-dir"
         )
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The script's docstring as written, and each flag's default (the recipe's value)."""
-
-
-def tidy_flags(parser: argparse.ArgumentParser, hidden: set[str] = frozenset()) -> None:
-    """Show each flag in the spelling the docs use (hyphens: --learning-rate) while every spelling
-    it was given still parses (--learning_rate, and the `hidden` names); each --no-X flag says what it does.
-
-    argparse parses through its table of option strings and prints `option_strings`: trimming the
-    latter changes the help and the usage line only.
-    """
-    for action in parser._actions:
-        shown = [s for s in action.option_strings if "_" not in s and s not in hidden]
-        if shown and shown != action.option_strings:
-            action.option_strings = shown
-            name = shown[0].lstrip("-").replace("-", "_")
-            if action.nargs != 0 and action.metavar is None and name != action.dest:  # --model MODEL, not NAME
-                action.metavar = name.upper()
-    for action in parser._actions:
-        if isinstance(action, argparse._StoreFalseAction):
-            positive = next(a for a in parser._actions if a.dest == action.dest and a is not action)
-            action.help = f"the same as {positive.option_strings[0]} false"
-            action.default = argparse.SUPPRESS  # the positive flag holds the default
 
 
 def parse_recipe(
