@@ -4,7 +4,7 @@ A GPU decoding at batch 1 (or a few dozen rows) waits on the Python and dispatch
 operation more than on the arithmetic. On a CPU, with dimensions so small that the arithmetic
 is negligible, that same work is what a step costs, so this measures it without a GPU:
 
-- row attention (`qvera.serving.invariance.row_attention_forward`) for one decode query per
+- row attention (`qvera.generation.invariance.row_attention_forward`) for one decode query per
   row over a 60-key cache with left padding, 1, 8 and 32 rows;
 - one VeRA layer (64 x 64, r=64, bf16) at one token, gradients off, and its base linear alone;
 - a decode step of a 32-layer Llama with hidden size 64 (about a 7B model's layer count):
@@ -32,9 +32,9 @@ from transformers.masking_utils import sdpa_mask
 from qvera.core.attach import attach_vera, vector_state
 from qvera.core.config import VeraConfig
 from qvera.core.vera import SharedProjections, VeraLinear
-from qvera.serving.bank import AdapterBank
-from qvera.serving.generation import Sampling, decode_steps
-from qvera.serving.invariance import row_attention_forward
+from qvera.generation.bank import AdapterBank
+from qvera.generation.decode import Sampling, decode_steps
+from qvera.generation.invariance import row_attention_forward
 
 
 def microseconds(call, calls: int) -> float:

@@ -33,7 +33,7 @@ from qvera.adapters.loading import load_adapted
 from qvera.core.attach import attach_vera
 from qvera.core.base import load_base
 from qvera.core.config import ModelConfig, VeraConfig
-from qvera.serving.generation import Sampling, generate
+from qvera.generation.decode import Sampling, generate
 from qvera.training.data import split_held_out, tokenized_dataset
 from qvera.training.demo import Question, general_questions
 from qvera.training.evaluate import heldout_loss, load_examples

@@ -23,7 +23,7 @@ from qvera.adapters.merge import merge_to_folder
 from qvera.adapters.peft_interop import export_peft, import_peft
 from qvera.core.base import QUANTIZATIONS, load_base
 from qvera.core.config import ModelConfig
-from qvera.serving.generation import GREEDY, reply_batch
+from qvera.generation.decode import GREEDY, reply_batch
 from qvera.training.evaluate import heldout_loss, load_examples
 
 LOAD_CHECK_TOKENS = 32

@@ -54,8 +54,8 @@ from experiments.profiling import llama2_7b_adapter_size
 from qvera.adapters import save_adapter
 from qvera.core.attach import vector_state
 from qvera.core.attention_kernels import ALLOW_CUDNN_VARIABLE
-from qvera.serving.bank import AdapterBank
-from qvera.serving.generation import Sampling, chat_prompt, decode_steps
+from qvera.generation.bank import AdapterBank
+from qvera.generation.decode import Sampling, chat_prompt, decode_steps
 from qvera.serving.scheduler import Job, Scheduler
 from qvera.serving.store import AdapterStore
 

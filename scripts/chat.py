@@ -23,7 +23,7 @@ from qvera import ModelConfig, load_base
 from qvera.adapters.loading import read_adapters_for
 from qvera.core.config import HelpFormatter, spellings
 from qvera.core.hardware import COMPUTE_DTYPES
-from qvera.serving.generation import Chat, Sampling, reply_batch
+from qvera.generation.decode import Chat, Sampling, reply_batch
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import sys
 from qvera import ModelConfig, load_base
 from qvera.core.config import HelpFormatter, spellings
 from qvera.core.hardware import COMPUTE_DTYPES
+from qvera.generation.decode import Sampling
 from qvera.serving.app import ServeOptions, Server, bind_address
-from qvera.serving.generation import Sampling
 from qvera.serving.store import adapter_folders
 
 

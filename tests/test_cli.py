@@ -18,7 +18,7 @@ from qvera.adapters.lora_export import lora_factors
 from qvera.adapters.peft_interop import export_peft
 from qvera.cli import main
 from qvera.core.attach import vector_state
-from qvera.serving.generation import chat_prompt
+from qvera.generation.decode import chat_prompt
 
 
 @pytest.fixture(scope="module")

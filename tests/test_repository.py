@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import subprocess
 from pathlib import Path
@@ -41,3 +42,38 @@ def test_bundled_data_matches_its_checksums_and_carries_its_license():
     readme = (data / "README.md").read_text()
     assert "CC BY-NC 4.0" in readme and "inherits" in readme
     assert (data / "ALPACA_DATA_LICENSE_CC_BY_NC_4.0.txt").is_file()
+
+
+# Which qvera packages each package may import: arrows run one way.
+MAY_IMPORT = {
+    "core": {"core"},
+    "adapters": {"core", "adapters"},
+    "generation": {"core", "adapters", "generation"},
+    "serving": {"core", "adapters", "generation", "serving"},
+    "training": {"core", "adapters", "generation", "training"},
+}
+
+
+def qvera_imports(path: Path) -> set[str]:
+    """The qvera modules a source file imports (`qvera.core.vera`), at any depth in the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n.startswith("qvera.")}
+
+
+def test_imports_run_one_way_between_the_packages():
+    offenders = []
+    for package, allowed in MAY_IMPORT.items():
+        for path in sorted((ROOT / "qvera" / package).glob("*.py")):
+            for name in qvera_imports(path):
+                if name.split(".")[1] not in allowed | {"version"}:
+                    offenders.append(f"qvera/{package}/{path.name} imports {name}")
+    assert not offenders, offenders
+    # And the test sees an arrow when there is one.
+    assert "qvera.generation.decode" in qvera_imports(ROOT / "qvera" / "training" / "demo.py") | qvera_imports(
+        ROOT / "qvera" / "training" / "evaluate.py"
+    )

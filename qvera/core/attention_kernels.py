@@ -4,7 +4,7 @@ Since torch 2.9, on Hopper and Blackwell GPUs (with cuDNN newer than 9.15) SDPA 
 attention first. cuDNN builds an execution plan for every new combination of batch, query
 length, key length and strides, and keeps each one for the life of the process (torch's
 `aten/src/ATen/native/cudnn/MHA.cpp`). Generation brings a new key length at every decode step,
-and row attention (`qvera.serving.invariance`) makes one call per row; an SFT run brings a new
+and row attention (`qvera.generation.invariance`) makes one call per row; an SFT run brings a new
 sequence length most steps. Each new shape then pays for a plan build, many times the cost of
 the call itself (BENCHMARKS.md). Flash attention, then memory-efficient attention, then the
 math kernel, keep no state per shape.

@@ -1,2 +1,2 @@
-"""Serving: many adapters beside one base (bank.py), batched generation (generation.py) and the
-OpenAI-compatible server. Builds on qvera.core and qvera.adapters."""
+"""Serving: the OpenAI-compatible server (app.py, openai_schema.py), its continuous-batching
+scheduler (scheduler.py, kv_rows.py) and adapter store (store.py). Builds on qvera.generation."""

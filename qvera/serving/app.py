@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 from torch import nn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from qvera.serving.generation import Sampling
+from qvera.generation.decode import Sampling
 from qvera.serving.openai_schema import Parsed, Reply, RequestError, parse, usage
 from qvera.serving.scheduler import Job, Scheduler
 from qvera.serving.store import AdapterStore

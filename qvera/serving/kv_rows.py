@@ -14,7 +14,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from qvera.serving.last_logits import fold_last_position
+from qvera.generation.last_logits import fold_last_position
 
 
 class CacheRows:

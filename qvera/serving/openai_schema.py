@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from qvera.serving.generation import Sampling, chat_prompt
+from qvera.generation.decode import Sampling, chat_prompt
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}

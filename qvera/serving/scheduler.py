@@ -10,7 +10,7 @@ Each forward gathers every row's (d, b) from the AdapterBank while `A x` and the
 stay one matmul for the batch. Cancelled, finished and timed-out rows leave at the next step.
 
 With `batch_invariant`, attention runs row by row over each row's own keys
-(`qvera.serving.invariance`), whatever pads the joining and leaving rows leave between them, in
+(`qvera.generation.invariance`), whatever pads the joining and leaving rows leave between them, in
 fixed query tiles; the matrix products run on fixed row tiles; and a prompt's chunks start on
 multiples of the query tile (at least one tile a prompt a step, past `prefill_tokens` when many
 prompts share the step): a row's numbers, and so its greedy reply, are then those of its
@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from qvera.core.attention_kernels import without_cudnn_attention
-from qvera.serving.generation import Sampling, end_token_ids
-from qvera.serving.invariance import QUERY_TILE, generation_numerics
+from qvera.generation.decode import Sampling, end_token_ids
+from qvera.generation.invariance import QUERY_TILE, generation_numerics
+from qvera.generation.sampling import ReplyText, pick_rows, token_logprobs
 from qvera.serving.kv_rows import CacheRows
 from qvera.serving.openai_schema import RequestError
-from qvera.serving.sampling import ReplyText, pick_rows, token_logprobs
 from qvera.serving.store import AdapterStore, AllSlotsHeld
 
 

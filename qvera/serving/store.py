@@ -30,7 +30,7 @@ from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, Adapter
 from qvera.adapters.loading import is_adapter_folder, read_any
 from qvera.core.attach import attach_vera, has_vera
 from qvera.core.config import VeraConfig
-from qvera.serving.bank import AdapterBank
+from qvera.generation.bank import AdapterBank
 from qvera.serving.openai_schema import RequestError
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^/\s,;:()'\"]+)+")

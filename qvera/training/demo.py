@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvera.serving.bank import AdapterBank
-from qvera.serving.generation import Sampling, generate
+from qvera.generation.bank import AdapterBank
+from qvera.generation.decode import Sampling, generate
 
 SEED = 1234
 # In a clone (make demo, an editable install) the repository's data folder sits two levels up.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvera.serving.generation import Sampling, generate
+from qvera.generation.decode import Sampling, generate
 from qvera.training.data import (
     IGNORE_INDEX,
     conversations,

@@ -16,7 +16,7 @@ from qvera.adapters.peft_interop import export_peft
 from qvera.core.attach import attach_vera, load_vector_state, vector_state, vera_layers
 from qvera.core.base import load_base
 from qvera.core.config import ModelConfig, VeraConfig
-from qvera.serving.bank import AdapterBank
+from qvera.generation.bank import AdapterBank
 from qvera.training.recipe import recipe_from_dict
 
 

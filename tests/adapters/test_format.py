@@ -43,7 +43,7 @@ from qvera.adapters.format import (
 from qvera.adapters.loading import attach_adapter, read_adapters_for, read_any
 from qvera.core.attach import shared_projections, vector_state, vera_layers
 from qvera.core.vera import generate_projections
-from qvera.serving.bank import AdapterBank
+from qvera.generation.bank import AdapterBank
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,7 @@ def test_an_unknown_hub_model_fails_at_once_offline(monkeypatch, offline, reacha
 def test_a_base_without_chat_template_is_prompted_as_training_prompts_it(capsys, tmp_path, monkeypatch):
     """Llama-2-7b-hf and the random bases have no chat template: training gives them qvera's
     plain one, so chat and serving must render prompts with it too, not refuse the base."""
-    from qvera.serving.generation import chat_prompt
+    from qvera.generation.decode import chat_prompt
 
     monkeypatch.setenv("QVERA_CACHE", str(tmp_path))
     _, tokenizer = qvera.load_base(qvera.ModelConfig(name="random:tiny", quantization="fp32", compute_dtype="float32"))

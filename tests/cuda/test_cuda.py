@@ -23,9 +23,9 @@ from qvera.core.base import FALLBACK_CHAT_TEMPLATE
 from qvera.core.bnb import is_4bit
 from qvera.core.hardware import detect
 from qvera.core.random_base import byte_tokenizer
-from qvera.serving.generation import Sampling, generate
+from qvera.generation.decode import Sampling, generate
 from qvera.training.run import train
-from tests.serving.test_generation import ROW_ADAPTERS, assert_rows_match_alone, model_with_bank
+from tests.generation.test_generation import ROW_ADAPTERS, assert_rows_match_alone, model_with_bank
 from tests.serving.test_scheduler import assert_batch_invariant_replies, two_adapter_store
 from tests.training.test_run import tiny_recipe
 

@@ -13,8 +13,8 @@ from conftest import save_tiny_llama
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state, vector_state
 from qvera.adapters import attach_adapter, save_adapter
+from qvera.generation.decode import Sampling, generate
 from qvera.serving.app import ServeOptions, Server
-from qvera.serving.generation import Sampling, generate
 
 ADAPTERS = ["alpha", "beta", "gamma", "delta"]
 QUESTIONS = [

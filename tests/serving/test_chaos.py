@@ -18,9 +18,9 @@ from conftest import save_tiny_llama
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state
 from qvera.adapters import save_adapter
+from qvera.generation.decode import Sampling, generate
 from qvera.serving.app import ServeOptions, Server
-from qvera.serving.generation import Sampling, generate
-from tests.serving.test_generation import random_vectors
+from tests.generation.test_generation import random_vectors
 
 SECONDS, TIMEOUT, MAX_TOKENS = 15.0, 15.0, 3
 STEADY, FLEETING = ["a", "b", "c"], "d"  # rewritten in turn; deleted and saved again

@@ -15,8 +15,8 @@ from conftest import save_tiny_llama
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters import save_adapter
+from qvera.generation.decode import Sampling
 from qvera.serving.app import ServeOptions, Server
-from qvera.serving.generation import Sampling
 
 REQUESTS, SECONDS, CLIENTS = 2500, 30.0, 16
 NUMBERS = [0, 1, 2, -1, 7, 2**31 - 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1, 10**30]

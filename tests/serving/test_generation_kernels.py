@@ -7,7 +7,7 @@ import torch
 from test_scheduler import two_adapter_store
 
 from qvera import ModelConfig, load_base
-from qvera.serving.generation import GREEDY, Sampling, chat_prompt, generate
+from qvera.generation.decode import GREEDY, Sampling, chat_prompt, generate
 from qvera.serving.scheduler import Job, Scheduler
 
 

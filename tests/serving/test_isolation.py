@@ -10,8 +10,8 @@ import torch
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state, vector_state
 from qvera.adapters import save_adapter
+from qvera.generation.decode import Sampling, chat_prompt
 from qvera.serving import scheduler as scheduler_module
-from qvera.serving.generation import Sampling, chat_prompt
 from qvera.serving.openai_schema import RequestError
 from qvera.serving.scheduler import Job, Scheduler
 from qvera.serving.store import AdapterStore

@@ -7,9 +7,9 @@ from transformers import AutoTokenizer
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state, vector_state
 from qvera.adapters import save_adapter
-from qvera.serving.generation import Sampling, chat_prompt
+from qvera.generation.decode import Sampling, chat_prompt
+from qvera.generation.sampling import ReplyText, pick_rows
 from qvera.serving.kv_rows import CacheRows
-from qvera.serving.sampling import ReplyText, pick_rows
 from qvera.serving.scheduler import Job, Scheduler
 from qvera.serving.store import AdapterStore
 

@@ -14,10 +14,10 @@ from conftest import save_tiny_llama
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state
 from qvera.adapters import save_adapter
+from qvera.generation.decode import Sampling, generate
+from qvera.generation.sampling import token_logprobs
 from qvera.serving.app import ServeOptions, Server
-from qvera.serving.generation import Sampling, generate
-from qvera.serving.sampling import token_logprobs
-from tests.serving.test_generation import random_vectors
+from tests.generation.test_generation import random_vectors
 
 QUESTION = [{"role": "user", "content": "Tell me about rivers."}]
 

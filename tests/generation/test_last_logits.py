@@ -2,8 +2,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qvera import ModelConfig, load_base
-from qvera.serving.generation import Sampling, chat_prompt, decode_steps
-from qvera.serving.last_logits import fold_last_position
+from qvera.generation.decode import Sampling, chat_prompt, decode_steps
+from qvera.generation.last_logits import fold_last_position
 
 
 class OpNames(TorchDispatchMode):

@@ -12,7 +12,7 @@ import re
 import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from qvera.serving.generation import TextStream, nucleus
+from qvera.generation.decode import TextStream, nucleus
 
 
 def pick_rows(

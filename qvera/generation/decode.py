@@ -19,9 +19,9 @@ from transformers import DynamicCache
 from qvera.adapters.fit import check_fits
 from qvera.adapters.loading import attach_adapter, read_any
 from qvera.core.attach import vera_layers
-from qvera.serving.bank import AdapterBank, own_vectors_as_rows, running_rows
-from qvera.serving.invariance import generation_numerics
-from qvera.serving.last_logits import fold_last_position
+from qvera.generation.bank import AdapterBank, own_vectors_as_rows, running_rows
+from qvera.generation.invariance import generation_numerics
+from qvera.generation.last_logits import fold_last_position
 
 
 @dataclass
@@ -116,7 +116,7 @@ def decode_steps(
 
     Attention always runs row by row, so padding never reaches a row's numbers; with
     `batch_invariant` the matrix products run on fixed row tiles too, and a row's logits are
-    bit for bit those of the same prompt alone, in every dtype (see `qvera.serving.invariance`).
+    bit for bit those of the same prompt alone, in every dtype (see `qvera.generation.invariance`).
     The model's own VeRA vectors (no mixed batch around) are read once, at the start."""
     assert len(prompts) == len(sampling) and prompts and all(prompts), "one non-empty prompt per sampling"
     fold_last_position(model)

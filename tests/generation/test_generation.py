@@ -14,8 +14,8 @@ from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters.format import read_adapter, save_adapter
 from qvera.adapters.peft_interop import export_peft
 from qvera.core.attach import vector_state, vera_layers
-from qvera.serving.bank import AdapterBank
-from qvera.serving.generation import (
+from qvera.generation.bank import AdapterBank
+from qvera.generation.decode import (
     Chat,
     Sampling,
     TextStream,
@@ -26,7 +26,7 @@ from qvera.serving.generation import (
     pick_tokens,
     reply_batch,
 )
-from qvera.serving.invariance import FixedRowTiles, row_attention_forward
+from qvera.generation.invariance import FixedRowTiles, row_attention_forward
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name three colours of the rainbow, please."}],

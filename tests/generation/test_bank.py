@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 from qvera import VeraConfig, attach_vera
 from qvera.core.attach import vector_state, vera_layers
 from qvera.core.vera import SharedProjections, VeraLinear
-from qvera.serving.bank import AdapterBank, own_vectors_as_rows, running_rows
+from qvera.generation.bank import AdapterBank, own_vectors_as_rows, running_rows
 
 
 def random_state(model, seed):
