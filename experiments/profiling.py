@@ -114,7 +114,7 @@ def attach_variant(model: nn.Module, variant: str, *, fp32_trainables: bool = Tr
                 if param.requires_grad:
                     param.data = param.data.float()
     elif method in ("qvera", "qvera-dvora"):
-        attach_vera(model, VeraConfig(rank=rank, magnitude=method == "qvera-dvora"))
+        attach_vera(model, VeraConfig(rank=rank, method="dvora" if method == "qvera-dvora" else "vera"))
     else:
         raise ValueError(
             f"unknown variant {variant!r}; use floor, peft-lora:R, peft-dora:R, peft-vera:R, qvera:R or qvera-dvora:R"

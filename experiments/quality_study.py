@@ -135,7 +135,7 @@ def general_knowledge(model, tokenizer, questions: list[Question], batch_size: i
 def attach(model, run: StudyRun):
     if run.method in QVERA_METHODS:
         config = VeraConfig(
-            rank=run.rank, projection_seed=run.seed, d_initial=run.d_initial, magnitude=run.method == "dvora"
+            rank=run.rank, projection_seed=run.seed, d_initial=run.d_initial, method=run.method
         )
         return attach_vera(model, config)
     # load_base has switched off bitsandbytes' CPU repacking, which would silently drop the

@@ -54,7 +54,7 @@ def heldout_change(adapter: Adapter, lora_folder: str, data: str) -> str:
     """The held-out loss of the LoRA export (under peft) and of the adapter (under qvera) on
     one fp32 load of the base the adapter records: what a truncated rank costs where it counts."""
     convs = load_examples(data)
-    base, tokenizer = load_base(ModelConfig(name=adapter.config["base_model"]["name"] or "", quantization="fp32"))
+    base, tokenizer = load_base(ModelConfig(name=adapter.config.base_model.name or "", quantization="fp32"))
     lora_model = PeftModel.from_pretrained(base, lora_folder)
     lora = heldout_loss(lora_model, tokenizer, convs)
     vera = heldout_loss(attach_adapter(lora_model.unload(), adapter), tokenizer, convs)
@@ -77,7 +77,7 @@ def cmd_merge(args) -> None:
 
 def cmd_load_check(args) -> None:
     """The adapter's greedy reply beside the base's, both in one batch (checked before loading)."""
-    name = args.base or read_any(args.adapter).config["base_model"]["name"]
+    name = args.base or read_any(args.adapter).config.base_model.name
     if not name:
         raise ValueError(f"{args.adapter} does not name its base model; pass the base's name or folder with --base")
     base = ModelConfig(name=name, quantization=args.quantization)

@@ -46,7 +46,7 @@ def test_inspect_qvera_and_peft_folders(saved, tiny_llama_dir, capsys):
     qvera_folder, peft_folder, _ = saved
     assert main(["inspect", str(qvera_folder)]) == 0
     out = capsys.readouterr().out
-    fingerprint = read_adapter(qvera_folder).config["projections"]["fingerprint"]
+    fingerprint = read_adapter(qvera_folder).config.projections.fingerprint
     assert "rank:         8 (projection seed 0" in out
     assert "targets:      14 layers: down_proj x2, gate_proj x2, k_proj x2" in out
     assert "parameters:   1,264 (5,056 bytes fp32, 2,528 bytes bf16)" in out
@@ -76,7 +76,7 @@ def test_convert_peft_reads_only_the_base_config(saved, tiny_llama_dir, tmp_path
     monkeypatch.undo()
     converted, original = read_adapter(tmp_path / "converted"), read_adapter(qvera_folder)
     for key in ("rank", "seed", "targets", "base_model", "projections"):
-        assert converted.config[key] == original.config[key], key
+        assert getattr(converted.config, key) == getattr(original.config, key), key
     for key, value in converted.vectors.items():
         assert torch.equal(value, vectors[key])
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from qvera.adapters.config import Adapter, BaseModel
 from qvera.core.attach import (
     find_targets,
     has_vera,
@@ -17,9 +17,6 @@ from qvera.core.attach import (
     vera_layers,
 )
 from qvera.core.vera import generate_projections
-
-if TYPE_CHECKING:  # format.py imports this module
-    from qvera.adapters.format import Adapter
 
 
 def projections_fingerprint(A: torch.Tensor, B: torch.Tensor) -> str:
@@ -81,28 +78,28 @@ def check_fits(adapter: Adapter, model: nn.Module, *, source: str | None = None)
     folder the adapter was read from) starts the line."""
     source = source or str(adapter.folder or "adapter")
     config = adapter.config
-    _check_base(config["base_model"], describe_base(model), source)
-    _check_targets(config["targets"], model_targets(model, config["targets"]), source)
+    _check_base(config.base_model, BaseModel(**describe_base(model)), source)
+    _check_targets(config.targets, model_targets(model, config.targets), source)
     if has_vera(model):
         projections = shared_projections(model)
         rank, seed = projections.rank, projections.seed
-        if config["rank"] != rank:
+        if config.rank != rank:
             raise ValueError(
-                f"{source} has rank {config['rank']}, this model's VeRA has rank {rank}; "
-                f"load it on a base with rank {config['rank']} attached"
+                f"{source} has rank {config.rank}, this model's VeRA has rank {rank}; "
+                f"load it on a base with rank {config.rank} attached"
             )
-        if config["seed"] != seed:
+        if config.seed != seed:
             raise ValueError(
-                f"{source} was trained with projection seed {config['seed']}, this model's VeRA uses seed {seed}; "
-                f"attach VeRA with seed {config['seed']}"
+                f"{source} was trained with projection seed {config.seed}, this model's VeRA uses seed {seed}; "
+                f"attach VeRA with seed {config.seed}"
             )
-    expected = config["projections"]["fingerprint"]
+    expected = config.projections.fingerprint
     if expected is None:
         return
-    fingerprint = model_fingerprint(model, config["rank"], config["seed"], config["targets"])
+    fingerprint = model_fingerprint(model, config.rank, config.seed, config.targets)
     if fingerprint != expected:
         raise ValueError(
-            f"{source}: the projections regenerated from seed {config['seed']} do not match its fingerprint "
+            f"{source}: the projections regenerated from seed {config.seed} do not match its fingerprint "
             f"({fingerprint[:12]} here, {expected[:12]} recorded); this torch build draws other random numbers"
         )
 
@@ -123,25 +120,24 @@ def model_fingerprint(model: nn.Module, rank: int, seed: int, targets: dict[str,
     return projections_fingerprint(*generate_projections(rank, a_shape[1], b_shape[0], seed))
 
 
-def _check_base(recorded: dict, here: dict, source: str) -> None:
+def _check_base(recorded: BaseModel, here: BaseModel, source: str) -> None:
     """Content hashes decide when both sides have one (a folder may move); else names and revisions."""
-    if recorded["content_hash"] and here["content_hash"]:
-        if recorded["content_hash"] != here["content_hash"]:
+    if recorded.content_hash and here.content_hash:
+        if recorded.content_hash != here.content_hash:
             raise ValueError(
-                f"{source} was made for another base model ({recorded['name'] or 'a local folder'}, content hash "
-                f"{recorded['content_hash'][:12]}); this model's content hash "
-                f"is {here['content_hash'][:12]}; load the base it was made for"
+                f"{source} was made for another base model ({recorded.name or 'a local folder'}, content hash "
+                f"{recorded.content_hash[:12]}); this model's content hash "
+                f"is {here.content_hash[:12]}; load the base it was made for"
             )
         return
-    if recorded["name"] and here["name"] and recorded["name"] != here["name"]:
+    if recorded.name and here.name and recorded.name != here.name:
         raise ValueError(
-            f"{source} was made for base model {recorded['name']!r}, "
-            f"not {here['name']!r}; load the base it was made for"
+            f"{source} was made for base model {recorded.name!r}, not {here.name!r}; load the base it was made for"
         )
-    if recorded["revision"] and here["revision"] and recorded["revision"] != here["revision"]:
+    if recorded.revision and here.revision and recorded.revision != here.revision:
         raise ValueError(
-            f"{source} was made for revision {recorded['revision']} of {recorded['name']!r}, this model is "
-            f"revision {here['revision']}; load that revision"
+            f"{source} was made for revision {recorded.revision} of {recorded.name!r}, this model is "
+            f"revision {here.revision}; load that revision"
         )
 
 

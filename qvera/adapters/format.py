@@ -4,13 +4,18 @@ A and B are not saved: they are regenerated from the seed and checked against th
 fingerprint recorded at export (sha256 of A then B as generated, fp32 bytes), so an adapter
 of a 7B model at rank 512 is a few MB. Folder layout:
 
-    qvera_adapter.json   format version, rank, seed, d_initial, targets and their shapes,
-                         base model, projections' dtype and fingerprint, vectors' checksum,
-                         and `checksum`: sha256 of the file's own other fields (canonical JSON),
-                         so a hand edit is reported as one (files without it still load)
-    vectors.safetensors  `<layer>.lambda_d` and `<layer>.lambda_b`, fp32 (or bf16), and
-                         `<layer>.lambda_m` for DVoRA (magnitude) adapters
+    qvera_adapter.json   `qvera.adapters.config.AdapterConfig`: format version, method, rank,
+                         seed, d_initial, targets and their shapes, base model, projections'
+                         dtype and fingerprint, vectors' checksum, and `checksum`: sha256 of
+                         the file's own other fields (canonical JSON), so a hand edit is
+                         reported as one (files without it still load)
+    vectors.safetensors  `<layer>.<suffix>` for each vector the method saves (lambda_d and
+                         lambda_b; DVoRA adds lambda_m), fp32 (or bf16)
     README.md            a short model card
+
+Versions: 1 is plain VeRA (written so still, so that older qvera reads it); 2 was DVoRA,
+marked by `"magnitude": true`, and still reads as `method: dvora`; 3 names its method, and is
+what every method but plain VeRA writes, so that a qvera that predates it refuses the file.
 
 Writer and reader of the format stay in this one module (over 300 lines): a change to either
 side is a change to the format, and belongs in one diff with its twin.
@@ -18,10 +23,9 @@ side is a change to the format, and belongs in one diff with its twin.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
@@ -29,6 +33,16 @@ import torch
 from torch import nn
 
 from qvera.adapters.atomic import atomic_folder, read_files
+from qvera.adapters.config import (
+    DTYPES,
+    FORMAT,
+    VECTORS_FILE,
+    Adapter,
+    AdapterConfig,
+    BaseModel,
+    Projections,
+    Vectors,
+)
 from qvera.adapters.fit import (
     check_fits,
     describe_base,
@@ -36,102 +50,25 @@ from qvera.adapters.fit import (
     projections_fingerprint,
     target_shapes,
 )
-from qvera.core.attach import layer_vectors, shared_projections, vector_state, vera_layers
-from qvera.core.config import VeraConfig
+from qvera.core.attach import shared_projections, vector_state, vera_layers
+from qvera.core.config import from_dict
+from qvera.core.methods import METHODS, method_named
 from qvera.core.vera import generate_projections
 from qvera.version import __version__
 
-FORMAT = "qvera-adapter"
-FORMAT_VERSION = 2  # the newest version this qvera reads
+FORMAT_VERSION = 3  # the newest version this qvera reads
 PLAIN_FORMAT_VERSION = 1  # what plain VeRA adapters are written as, so older qvera still reads them
 CONFIG_FILE = "qvera_adapter.json"
-VECTORS_FILE = "vectors.safetensors"
 CARD_FILE = "README.md"
 ADAPTER_FILES = {CONFIG_FILE, VECTORS_FILE, CARD_FILE}
 PEFT_CONFIG_FILE = "adapter_config.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECKSUM_FIELD = "checksum"
-JSON_TYPES = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "a boolean",
-    list: "a list",
-    dict: "an object",
-}
+LEGACY_METHOD_KEY = "magnitude"  # version 2 marked DVoRA with it
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_shape(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(_is_int(n) and n > 0 for n in value)
-
-
-def _is_optional_str(value) -> bool:
-    return value is None or isinstance(value, str)
-
-
-# Every field of qvera_adapter.json the reader uses: (test, what passes it), nested fields dotted.
-FIELD_TYPES = {
-    "format_version": (_is_int, "an integer"),
-    CHECKSUM_FIELD: (lambda v: isinstance(v, str), "a string"),
-    "rank": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "seed": (_is_int, "an integer"),
-    "d_initial": (
-        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        "a finite number",
-    ),
-    "target_modules": (
-        lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(n, str) for n in v)),
-        "a string or a list of strings",
-    ),
-    "targets": (
-        lambda v: isinstance(v, dict) and bool(v) and all(_is_shape(s) for s in v.values()),
-        "an object mapping each layer name to [out, in]",
-    ),
-    "base_model": (lambda v: isinstance(v, dict), "an object"),
-    "base_model.name": (_is_optional_str, "a string or null"),
-    "base_model.revision": (_is_optional_str, "a string or null"),
-    "base_model.content_hash": (_is_optional_str, "a string or null"),
-    "projections": (lambda v: isinstance(v, dict), "an object"),
-    "projections.A": (lambda v: v is None or _is_shape(v), "[rank, in] or null"),
-    "projections.B": (lambda v: v is None or _is_shape(v), "[out, rank] or null"),
-    "projections.fingerprint": (_is_optional_str, "a string or null"),
-    "vectors": (lambda v: isinstance(v, dict), "an object"),
-    "vectors.file": (lambda v: v == VECTORS_FILE, f"{VECTORS_FILE!r}"),
-    "vectors.dtype": (lambda v: v in DTYPES, f"one of {sorted(DTYPES)}"),
-    "vectors.parameters": (_is_int, "an integer"),
-    "vectors.bytes": (_is_int, "an integer"),
-    "vectors.sha256": (lambda v: isinstance(v, str), "a string"),
-}
-
-
-@dataclass
-class Adapter:
-    """An adapter in memory: its description (the JSON, as a dict) and its fp32 vectors,
-    keyed as `qvera.core.attach.vector_state` keys them."""
-
-    config: dict
-    vectors: dict[str, torch.Tensor]
-    folder: Path | None = None  # where it was read from: errors name it
-
-    @property
-    def vera_config(self) -> VeraConfig:
-        """The VeraConfig that recreates the adapter's layers; targets are the exact layer names."""
-        return VeraConfig(
-            rank=self.config["rank"],
-            projection_seed=self.config["seed"],
-            d_initial=self.config["d_initial"],
-            target_modules=sorted(self.config["targets"]),
-            magnitude=self.config.get("magnitude", False),
-        )
-
-
-def format_version(vectors: dict[str, torch.Tensor]) -> int:
-    """2 for DVoRA adapters (qvera before 2 has no magnitude, so it must refuse them), else 1."""
-    return FORMAT_VERSION if any(key.endswith(".lambda_m") for key in vectors) else PLAIN_FORMAT_VERSION
+def format_version(method: str) -> int:
+    """1 for plain VeRA, else 3 (a qvera reading only versions 1 and 2 must refuse the file)."""
+    return PLAIN_FORMAT_VERSION if method == "vera" else FORMAT_VERSION
 
 
 def adapter_from_model(model: nn.Module) -> Adapter:
@@ -139,27 +76,26 @@ def adapter_from_model(model: nn.Module) -> Adapter:
     if getattr(model, "qvera_merged", None) is not None:
         raise ValueError("the adapter is merged into the weights; call qvera.merge.unmerge(model) before saving it")
     projections = shared_projections(model)
-    vectors = vector_state(model)
     vera = model.vera_config
-    config = {
-        "format": FORMAT,
-        "format_version": format_version(vectors),
-        "qvera_version": __version__,
-        "rank": projections.rank,
-        "seed": projections.seed,
-        "d_initial": vera.d_initial,
-        "magnitude": vera.magnitude,
-        "target_modules": vera.target_modules,
-        "targets": target_shapes(model),
-        "base_model": describe_base(model),
-        "projections": {
-            "dtype": str(projections.A.dtype).removeprefix("torch."),
-            "A": list(projections.A.shape),
-            "B": list(projections.B.shape),
-            "fingerprint": projections_fingerprint(projections.A, projections.B),
-        },
-    }
-    return Adapter(config, vectors)
+    config = AdapterConfig(
+        format=FORMAT,
+        format_version=format_version(vera.method),
+        qvera_version=__version__,
+        rank=projections.rank,
+        seed=projections.seed,
+        d_initial=vera.d_initial,
+        method=vera.method,
+        target_modules=vera.target_modules,
+        targets=target_shapes(model),
+        base_model=BaseModel(**describe_base(model)),
+        projections=Projections(
+            dtype=str(projections.A.dtype).removeprefix("torch."),
+            A=list(projections.A.shape),
+            B=list(projections.B.shape),
+            fingerprint=projections_fingerprint(projections.A, projections.B),
+        ),
+    )
+    return Adapter(config, vector_state(model))
 
 
 def serialize_vectors(vectors: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes:
@@ -183,17 +119,23 @@ def write_adapter(adapter: Adapter, folder: str | Path, *, dtype: torch.dtype = 
             "with a lower learning rate"
         )
     data = serialize_vectors(adapter.vectors, dtype)
-    version = format_version(adapter.vectors)
-    config = {**adapter.config, "format": FORMAT, "format_version": version, "qvera_version": __version__}
-    config["vectors"] = {
-        "file": VECTORS_FILE,
-        "dtype": names[dtype],
-        "parameters": sum(v.numel() for v in adapter.vectors.values()),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    typed = dataclasses.replace(
+        adapter.config,
+        format=FORMAT,
+        format_version=format_version(adapter.config.method),
+        qvera_version=__version__,
+        vectors=Vectors(
+            file=VECTORS_FILE,
+            dtype=names[dtype],
+            parameters=sum(v.numel() for v in adapter.vectors.values()),
+            bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        ),
+        checksum=None,
+    )
+    config = {k: v for k, v in dataclasses.asdict(typed).items() if k != CHECKSUM_FIELD}
     config[CHECKSUM_FIELD] = config_checksum(config)
-    card, description = model_card(config), json.dumps(config, indent=2) + "\n"
+    card, description = model_card(typed), json.dumps(config, indent=2) + "\n"
     with atomic_folder(folder, replaceable=ADAPTER_FILES, size=len(data) + len(card) + len(description)) as staging:
         (staging / VECTORS_FILE).write_bytes(data)
         (staging / CARD_FILE).write_text(card)
@@ -223,23 +165,21 @@ def save_adapter(model: nn.Module, folder: str | Path, *, dtype: torch.dtype = t
     return write_adapter(adapter_from_model(model), folder, dtype=dtype)
 
 
-def model_card(config: dict) -> str:
+def model_card(config: AdapterConfig) -> str:
     """The adapter folder's README: what it is and how to load it."""
-    base = config["base_model"]
-    vectors = config["vectors"]
-    targets = config["target_modules"]
+    base, vectors, targets = config.base_model, config.vectors, config.target_modules
     return (
-        f"# VeRA adapter\n\n"
-        f"- base model: {base['name'] or 'unnamed'} (revision {base['revision'] or '-'}, "
-        f"content hash {(base['content_hash'] or '-')[:16]})\n"
-        f"- rank {config['rank']}, projection seed {config['seed']}, {len(config['targets'])} adapted layers "
+        f"# {method_named(config.method).title} adapter\n\n"
+        f"- base model: {base.name or 'unnamed'} (revision {base.revision or '-'}, "
+        f"content hash {(base.content_hash or '-')[:16]})\n"
+        f"- rank {config.rank}, projection seed {config.seed}, {len(config.targets)} adapted layers "
         f"({targets if isinstance(targets, str) else ', '.join(targets)})\n"
-        f"- {vectors['parameters']:,} trained numbers ({vectors['dtype']}, {vectors['bytes']:,} bytes)\n"
-        f"- projections fingerprint (sha256 of A and B): {config['projections']['fingerprint']}\n\n"
-        f"Made with qvera {config['qvera_version']}. Load it with\n\n"
+        f"- {vectors.parameters:,} trained numbers ({vectors.dtype}, {vectors.bytes:,} bytes)\n"
+        f"- projections fingerprint (sha256 of A and B): {config.projections.fingerprint}\n\n"
+        f"Made with qvera {config.qvera_version}. Load it with\n\n"
         f"    from qvera import load_base\n"
         f"    from qvera.adapters import attach_adapter\n"
-        f"    model, tokenizer = load_base({base['name']!r})\n"
+        f"    model, tokenizer = load_base({base.name!r})\n"
         f"    attach_adapter(model, 'path/to/this/folder')\n"
     )
 
@@ -263,7 +203,7 @@ def read_adapter(folder: str | Path, model: nn.Module | None = None) -> Adapter:
     return adapter
 
 
-def _read_config(folder: Path, files: dict[str, bytes | None]) -> dict:
+def _read_config(folder: Path, files: dict[str, bytes | None]) -> AdapterConfig:
     path = folder / CONFIG_FILE
     if files[CONFIG_FILE] is None:
         if files[PEFT_CONFIG_FILE] is not None:
@@ -275,25 +215,35 @@ def _read_config(folder: Path, files: dict[str, bytes | None]) -> dict:
             f"{folder} is not a qvera adapter folder (no {CONFIG_FILE}); pass a folder written by save_adapter"
         )
     try:
-        config = json.loads(files[CONFIG_FILE])
+        raw = json.loads(files[CONFIG_FILE])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is truncated or corrupted ({err}); export the adapter again") from err
     except RecursionError as err:  # nested thousands deep: nothing save_adapter writes
         raise ValueError(f"{path} is not a qvera adapter description; export the adapter again") from err
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"{path} is not a qvera adapter description; export the adapter again")
-    _check_field(path, config, "format_version")
-    if config["format_version"] > FORMAT_VERSION:
+    version = raw.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise ValueError(
-            f"{path} has format version {config['format_version']}, newer than this qvera reads "
-            f"({FORMAT_VERSION}); upgrade qvera"
+            f"{path} has format version {version}, newer than this qvera reads ({FORMAT_VERSION}); upgrade qvera"
         )
-    required = {"rank", "seed", "d_initial", "target_modules", "targets", "base_model", "projections", "vectors"}
-    missing = sorted(required - set(config))
+    values = dict(raw)
+    if LEGACY_METHOD_KEY in values and version in (1, 2):
+        values["method"] = "dvora" if values.pop(LEGACY_METHOD_KEY) is True else "vera"
+    required = {"format_version", "rank", "seed", "d_initial", "target_modules", "targets"}
+    missing = sorted((required | {"base_model", "projections", "vectors"}) - set(values))
     if missing:
         raise ValueError(f"{path} lacks {missing}; the file is damaged, export the adapter again")
-    _check_types(path, config)
-    if CHECKSUM_FIELD in config and config[CHECKSUM_FIELD] != config_checksum(config):
+    try:
+        config = from_dict(AdapterConfig, values, source=str(path), as_json=True)
+    except ValueError as err:
+        if values.get("method") not in METHODS and "method" in str(err):
+            raise ValueError(
+                f"{path} is an adapter of method {values['method']!r}, which this qvera does not know "
+                f"(it knows {', '.join(sorted(METHODS))}); upgrade qvera"
+            ) from None
+        raise ValueError(f"{err}; export the adapter again") from None
+    if CHECKSUM_FIELD in raw and raw[CHECKSUM_FIELD] != config_checksum(raw):
         found = _edits(config, files[VECTORS_FILE]) or [
             "which field changed cannot be told, it is one the vectors do not vouch for "
             "(d_initial, target_modules, base_model, ...)"
@@ -305,30 +255,7 @@ def _read_config(folder: Path, files: dict[str, bytes | None]) -> dict:
     return config
 
 
-def _check_types(path: Path, config: dict) -> None:
-    """Every field the reader uses has the type it expects (parents before their fields)."""
-    for name in FIELD_TYPES:
-        _check_field(path, config, name)
-
-
-def _check_field(path: Path, config: dict, name: str) -> None:
-    """One line naming a field of the wrong type: file, field, found and expected."""
-    test, expected = FIELD_TYPES[name]
-    *parents, key = name.split(".")
-    section = config[parents[0]] if parents else config
-    if key not in section:
-        if name == CHECKSUM_FIELD:  # adapters written before qvera recorded it
-            return
-        raise ValueError(f"{path} lacks {name}; the file is damaged, export the adapter again")
-    value = section[key]
-    if not test(value):
-        found = json.dumps(value)
-        found = found if len(found) <= 40 else found[:37] + "..."
-        kind = f" ({JSON_TYPES[type(value)]})" if type(value) in JSON_TYPES else ""
-        raise ValueError(f"{path}: {name} is {found}{kind}, expected {expected}; export the adapter again")
-
-
-def _edits(config: dict, data: bytes | None) -> list[str]:
+def _edits(config: AdapterConfig, data: bytes | None) -> list[str]:
     """The fields of an edited qvera_adapter.json that disagree with the vectors (`data`, the
     bytes of vectors.safetensors) or the projections they imply; empty when the edit is in a
     field nothing else vouches for."""
@@ -339,21 +266,21 @@ def _edits(config: dict, data: bytes | None) -> list[str]:
     except ValueError:
         return []
     found = []
-    if hashlib.sha256(data).hexdigest() != config["vectors"]["sha256"] or len(data) != config["vectors"]["bytes"]:
+    if hashlib.sha256(data).hexdigest() != config.vectors.sha256 or len(data) != config.vectors.bytes:
         found.append(f"vectors.sha256 or vectors.bytes does not describe {VECTORS_FILE}")
-    if config["vectors"]["parameters"] != sum(v.numel() for v in vectors.values()):
+    if config.vectors.parameters != sum(v.numel() for v in vectors.values()):
         found.append(
-            f"vectors.parameters is {config['vectors']['parameters']}, the vectors hold "
+            f"vectors.parameters is {config.vectors.parameters}, the vectors hold "
             f"{sum(v.numel() for v in vectors.values())}"
         )
     ranks = {v.shape[0] for k, v in vectors.items() if k.endswith(".lambda_d")}
     if len(ranks) != 1:
         return found
     rank = ranks.pop()
-    if config["rank"] != rank:
-        found.append(f"rank is {config['rank']}, the vectors have rank {rank}")
+    if config.rank != rank:
+        found.append(f"rank is {config.rank}, the vectors have rank {rank}")
     outs = {k.removesuffix(".lambda_b"): v.shape[0] for k, v in vectors.items() if k.endswith(".lambda_b")}
-    targets = config["targets"]
+    targets = config.targets
     if set(targets) != set(outs):
         name = sorted(set(targets) ^ set(outs))[0]
         found.append(f"targets lists {name}, which has no vectors" if name in targets else f"targets lacks {name}")
@@ -361,54 +288,54 @@ def _edits(config: dict, data: bytes | None) -> list[str]:
     for name, (out_features, _) in sorted(targets.items()):
         if out_features != outs[name]:
             found.append(f"targets gives {name} {out_features} outputs, its lambda_b has {outs[name]}")
-    recorded = config["projections"]
-    if recorded["A"] is None:
+    recorded = config.projections
+    if recorded.A is None:
         return found
     implied = list(projection_shapes(rank, targets))
-    if [recorded["A"], recorded["B"]] != implied:
+    if [recorded.A, recorded.B] != implied:
         found.append(
-            f"projections.A and B are {recorded['A']} and {recorded['B']}, the targets imply {implied[0]} and "
+            f"projections.A and B are {recorded.A} and {recorded.B}, the targets imply {implied[0]} and "
             f"{implied[1]} (a width in targets or projections was changed)"
         )
-    elif recorded["fingerprint"] is not None:
-        A, B = generate_projections(rank, recorded["A"][1], recorded["B"][0], config["seed"])
-        if projections_fingerprint(A, B) != recorded["fingerprint"]:
+    elif recorded.fingerprint is not None:
+        A, B = generate_projections(rank, recorded.A[1], recorded.B[0], config.seed)
+        if projections_fingerprint(A, B) != recorded.fingerprint:
             found.append(
-                f"seed {config['seed']} does not regenerate the projections its fingerprint records "
+                f"seed {config.seed} does not regenerate the projections its fingerprint records "
                 "(seed or projections.fingerprint was changed)"
             )
     return found
 
 
-def _read_vectors(folder: Path, config: dict, data: bytes | None) -> dict[str, torch.Tensor]:
+def _read_vectors(folder: Path, config: AdapterConfig, data: bytes | None) -> dict[str, torch.Tensor]:
     path = folder / VECTORS_FILE  # config["vectors"]["file"] is checked to be this name
     if data is None:
         raise ValueError(f"{path} is missing; the adapter folder is incomplete, export it again")
-    if len(data) != config["vectors"]["bytes"] or hashlib.sha256(data).hexdigest() != config["vectors"]["sha256"]:
+    if len(data) != config.vectors.bytes or hashlib.sha256(data).hexdigest() != config.vectors.sha256:
         raise ValueError(
             f"{path} is truncated or corrupted ({len(data):,} bytes, "
             f"checksum differs from {CONFIG_FILE}); export the adapter again"
         )
     loaded = _load_safetensors(data, path)
-    dtype = DTYPES[config["vectors"]["dtype"]]
+    dtype = DTYPES[config.vectors.dtype]
     for key, value in sorted(loaded.items()):
         if value.dtype != dtype:
             raise ValueError(
                 f"{path}: {key} is {str(value.dtype).removeprefix('torch.')}, {CONFIG_FILE} says "
-                f"{config['vectors']['dtype']}; export the adapter again"
+                f"{config.vectors.dtype}; export the adapter again"
             )
     vectors = {k: v.float() for k, v in loaded.items()}
-    expected = {}
-    for name, (out_features, _) in config["targets"].items():
-        expected[f"{name}.lambda_d"] = (config["rank"],)
-        expected[f"{name}.lambda_b"] = (out_features,)
-        if config.get("magnitude"):
-            expected[f"{name}.lambda_m"] = (out_features,)
+    method = method_named(config.method)
+    expected = {
+        f"{name}.{which}": shape
+        for name, (out_features, _) in config.targets.items()
+        for which, shape in method.shapes(config.rank, out_features).items()
+    }
     found = {k: tuple(v.shape) for k, v in vectors.items()}
     for key in sorted(set(found) | set(expected)):
         if found.get(key) != expected.get(key):
             raise ValueError(
-                f"{path} does not match {CONFIG_FILE} (rank {config['rank']}): {key} is "
+                f"{path} does not match {CONFIG_FILE} (rank {config.rank}): {key} is "
                 f"{_shape(found.get(key))} in the vectors, {_shape(expected.get(key))} in {CONFIG_FILE}; "
                 "export the adapter again"
             )
@@ -441,7 +368,7 @@ def adapter_size(model: nn.Module) -> dict[str, int]:
     with VeRA attached (a meta-device model will do: only shapes are read)."""
     vectors = {}
     for name, layer in vera_layers(model).items():
-        for which, param in layer_vectors(layer).items():
+        for which, param in layer.method.vectors(layer).items():
             vectors[f"{name}.{which}"] = torch.zeros(param.shape)
     return {
         "parameters": sum(v.numel() for v in vectors.values()),
@@ -454,25 +381,21 @@ def describe(adapter: Adapter, folder: str | Path | None = None) -> str:
     """What `qvera inspect` prints: rank, targets, sizes, base model and fingerprint."""
     config = adapter.config
     kinds: dict[str, int] = {}
-    for name in config["targets"]:
+    for name in config.targets:
         kinds[name.rsplit(".", 1)[-1]] = kinds.get(name.rsplit(".", 1)[-1], 0) + 1
     parameters = sum(v.numel() for v in adapter.vectors.values())
-    base = config["base_model"]
+    base = config.base_model
     lines = [
-        f"format:       {config['format']} v{config['format_version']}" + (f" ({folder})" if folder else ""),
-        f"rank:         {config['rank']} (projection seed {config['seed']}, d_initial {config['d_initial']})",
-        f"targets:      {len(config['targets'])} layers: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())),
+        f"format:       {config.format} v{config.format_version}" + (f" ({folder})" if folder else ""),
+        f"rank:         {config.rank} (projection seed {config.seed}, d_initial {config.d_initial})",
+        f"targets:      {len(config.targets)} layers: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())),
         f"parameters:   {parameters:,} ({4 * parameters:,} bytes fp32, {2 * parameters:,} bytes bf16)",
     ]
-    if "vectors" in config:
-        lines.append(
-            f"vectors file: {config['vectors']['file']}, "
-            f"{config['vectors']['dtype']}, {config['vectors']['bytes']:,} bytes"
-        )
+    if config.vectors is not None:
+        lines.append(f"vectors file: {config.vectors.file}, {config.vectors.dtype}, {config.vectors.bytes:,} bytes")
     lines += [
-        f"base model:   {base['name'] or '-'} (revision "
-        f"{base['revision'] or '-'}, content hash {base['content_hash'] or '-'})",
-        f"fingerprint:  {config['projections']['fingerprint'] or 'not recorded'}",
-        f"checksum:     {'verified' if CHECKSUM_FIELD in config else 'not recorded'}",
+        f"base model:   {base.name or '-'} (revision {base.revision or '-'}, content hash {base.content_hash or '-'})",
+        f"fingerprint:  {config.projections.fingerprint or 'not recorded'}",
+        f"checksum:     {'verified' if config.checksum else 'not recorded'}",
     ]
     return "\n".join(lines)

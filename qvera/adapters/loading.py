@@ -10,12 +10,14 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from qvera.adapters.config import Adapter
 from qvera.adapters.fit import check_fits
-from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, Adapter, read_adapter
+from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, read_adapter
 from qvera.adapters.peft_interop import import_peft, peft_type
 from qvera.core.attach import attach_vera, has_vera, load_vector_state
 from qvera.core.base import load_base, resolve_model_path
 from qvera.core.config import ModelConfig
+from qvera.core.methods import method_named
 
 
 def attach_adapter(model: nn.Module, adapter: str | Path | Adapter) -> nn.Module:
@@ -25,7 +27,13 @@ def attach_adapter(model: nn.Module, adapter: str | Path | Adapter) -> nn.Module
         adapter = read_adapter(adapter)
     check_fits(adapter, model)
     if not has_vera(model):
-        attach_vera(model, adapter.vera_config)
+        attach_vera(model, adapter.config.vera_config)
+    elif adapter.config.method != model.vera_config.method:
+        raise ValueError(
+            f"{adapter.folder or 'the adapter'} is a {method_named(adapter.config.method).title} adapter and this "
+            f"model has {method_named(model.vera_config.method).title} attached; attach with "
+            f"VeraConfig(method={adapter.config.method!r}), or run it in a mixed batch (qvera.generation.bank)"
+        )
     load_vector_state(model, adapter.vectors)
     return model
 
@@ -97,7 +105,7 @@ def load_adapted(base: ModelConfig | str | None, adapter: str | Path | None = No
     if not isinstance(base, ModelConfig):
         base = ModelConfig(name=base or "")
     if not base.name and folder is not None and not foreign:
-        base = dataclasses.replace(base, name=read_any(folder).config["base_model"]["name"] or "")
+        base = dataclasses.replace(base, name=read_any(folder).config.base_model.name or "")
     if not base.name:
         raise ValueError(f"{folder} does not name its base model; pass the base's name or folder")
     if folder is not None and not foreign:

@@ -27,8 +27,9 @@ import torch
 from peft import LoraConfig
 
 from qvera.adapters.atomic import atomic_folder
-from qvera.adapters.format import Adapter
+from qvera.adapters.config import Adapter
 from qvera.adapters.peft_interop import PEFT_FILES, PEFT_WEIGHTS, PREFIX, peft_base_name, regenerated_projections
+from qvera.core.methods import method_named
 
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,18 +69,20 @@ class LoraExport:
         return "\n".join(lines)
 
 
-def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Per adapted layer, (A', B') in fp32, plus m for a DVoRA layer."""
+def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Per adapted layer, (A', B') in fp32 and the other tensors its method's LoRA form holds
+    (DVoRA: peft DoRA's `lora_magnitude_vector`), by peft's suffix."""
     A, B = regenerated_projections(adapter.config)
+    method = method_named(adapter.config.method)
     factors = {}
-    for name, (out_features, in_features) in sorted(adapter.config["targets"].items()):
+    for name, (out_features, in_features) in sorted(adapter.config.targets.items()):
         if in_features is None:
             raise ValueError(f"the adapter does not record {name}'s input size; convert it with `qvera convert` first")
-        d, b = adapter.vectors[f"{name}.lambda_d"], adapter.vectors[f"{name}.lambda_b"]
+        vectors = {which: adapter.vectors[f"{name}.{which}"] for which in method.vector_names()}
+        d, b = method.factors(vectors)
         lora_A = d.float()[:, None] * A[:, :in_features]
         lora_B = b.float()[:, None] * B[:out_features]
-        magnitude = adapter.vectors.get(f"{name}.lambda_m")
-        factors[name] = (lora_A, lora_B) if magnitude is None else (lora_A, lora_B, magnitude.float())
+        factors[name] = (lora_A, lora_B, method.lora_tensors(vectors))
     return factors
 
 
@@ -116,30 +119,33 @@ def export_lora(
         rank: the LoRA rank; below the adapter's, a truncated SVD per layer (see `truncate`).
 
     Raises:
-        ValueError: a rank below 1, or projections this torch build does not regenerate.
+        ValueError: a rank below 1, a method with no LoRA equivalent, or projections this torch
+            build does not regenerate.
     """
     if rank is not None and rank < 1:
         raise ValueError(f"--rank must be at least 1, not {rank}")
-    vera_rank = adapter.config["rank"]
+    method = method_named(adapter.config.method)
+    if method.lora_options is None:
+        raise ValueError(f"a {method.title} adapter has no LoRA equivalent; merge it (qvera merge) instead")
+    vera_rank = adapter.config.rank
     lora_rank = vera_rank if rank is None or rank >= vera_rank else rank
-    magnitude = bool(adapter.config.get("magnitude"))
     tensors, errors = {}, {}
-    for name, (lora_A, lora_B, *m) in lora_factors(adapter).items():
+    for name, (lora_A, lora_B, extra) in lora_factors(adapter).items():
         errors[name] = 0.0
         if lora_rank < vera_rank:
             lora_A, lora_B, errors[name] = truncate(lora_A, lora_B, lora_rank)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = lora_A.to(dtype).contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_B.to(dtype).contiguous()
-        if m:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m[0].to(dtype).contiguous()
-    base = adapter.config["base_model"]
+        for suffix, value in extra.items():
+            tensors[f"{PREFIX}{name}.{suffix}"] = value.to(dtype).contiguous()
+    base = adapter.config.base_model
     config = LoraConfig(
         r=lora_rank,
         lora_alpha=lora_rank,  # peft scales by alpha / r: 1, as VeRA's update has no scale
-        target_modules=sorted(adapter.config["targets"]),
-        use_dora=magnitude,
-        base_model_name_or_path=peft_base_name(base["name"]),
-        revision=base["revision"],
+        target_modules=sorted(adapter.config.targets),
+        base_model_name_or_path=peft_base_name(base.name),
+        revision=base.revision,
+        **method.lora_options,
         inference_mode=True,
     )
     folder = Path(folder)

@@ -1,5 +1,5 @@
-"""Merging an adapter into the weights: W = W0 + Λb B Λd A, and for DVoRA
-W = (m / ||W0 + ΔW||) ⊙ (W0 + ΔW) row by row (the bias stays as it is).
+"""Merging an adapter into the weights: W = W0 + Λb B Λd A, each row times the output scale
+the layer's method applies (DVoRA's m / ||W0 + ΔW||; the bias stays as it is).
 
 `merge_to_folder` writes a plain bf16 transformers folder (4-bit layers dequantized first)
 that loads with neither qvera nor peft, and leaves the model in memory untouched.
@@ -17,9 +17,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qvera.adapters.atomic import atomic_folder
-from qvera.core.attach import vector_state, vera_layers
+from qvera.core.attach import vera_layers
 from qvera.core.bnb import dequantized_weight, is_4bit
-from qvera.core.vera import VeraLinear, delta_weight, magnitude_scale, row_norms
+from qvera.core.vera import VeraLinear, delta_weight, row_norms
 
 MERGED_DTYPE = torch.bfloat16
 
@@ -32,13 +32,14 @@ def layer_delta(layer: VeraLinear, lambda_d: torch.Tensor, lambda_b: torch.Tenso
     return delta_weight(lambda_d.float().to(A.device), lambda_b.float().to(A.device), A, B)
 
 
-def adapted_weight(layer: VeraLinear, lambda_d, lambda_b, lambda_m=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight the layer computes with, in fp32, and for DVoRA the row scale m / ||W0 + ΔW||
-    it already carries (unmerge divides it out again)."""
-    weight = plain_weight(layer.base_layer) + layer_delta(layer, lambda_d, lambda_b)
-    if lambda_m is None:
+def adapted_weight(layer: VeraLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight the layer computes with now, in fp32, and the row scale its method folds into
+    it (None for none; unmerge divides it out again)."""
+    weight = plain_weight(layer.base_layer) + layer_delta(layer, layer.lambda_d, layer.lambda_b)
+    scale = layer.method.scale(layer, layer.method.vectors(layer), norms=row_norms(weight))
+    if scale is None:
         return weight, None
-    scale = magnitude_scale(lambda_m.to(weight.device), weight)
+    scale = scale.to(weight.device)
     return weight * scale[:, None], scale
 
 
@@ -58,7 +59,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if any(name.startswith(prefix) for prefix in replaced):
             continue  # the base layer inside a VeraLinear, already done
         if isinstance(module, VeraLinear):
-            weight, _ = adapted_weight(module, module.lambda_d, module.lambda_b, module.lambda_m)
+            weight, _ = adapted_weight(module)
             bias = module.base_layer.bias
         elif isinstance(module, nn.Linear) and (is_4bit(module) or isinstance(module, bnb.nn.Linear8bitLt)):
             weight, bias = plain_weight(module), module.bias
@@ -109,41 +110,50 @@ def _full_precision_layers(model: nn.Module) -> dict[str, VeraLinear]:
     return layers
 
 
+def _layer_state(layer: VeraLinear) -> dict[str, torch.Tensor]:
+    """Everything a merge changes in a layer besides its weight: d, b and its method's vectors."""
+    vectors = {"lambda_d": layer.lambda_d, "lambda_b": layer.lambda_b, **layer.method.vectors(layer)}
+    return {which: value.detach().clone() for which, value in vectors.items()}
+
+
 def merge(model: nn.Module) -> None:
-    """Add ΔW into each base weight (DVoRA: and scale its rows) and zero b, so the model computes
-    the same function with the adapter in its weights; `unmerge` restores both. Switch adapters
-    only when unmerged. DVoRA's m becomes the merged rows' norms, so that m / ||W|| is exactly 1."""
+    """Put each layer's update (and its method's row scale) into its base weight, and set its
+    vectors to those that make it compute that weight alone (`Method.base_vectors`: b = 0, and
+    DVoRA's m the merged rows' norms), so the model computes the same function with the
+    adapter in its weights; `unmerge` restores both. Switch adapters only when unmerged."""
     layers = _full_precision_layers(model)
     if getattr(model, "qvera_merged", None) is not None:
         raise ValueError("the adapter is already merged; call qvera.merge.unmerge(model) first")
-    vectors = vector_state(model)
+    saved = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            weight = layer.base_layer.weight
-            merged, scale = adapted_weight(layer, layer.lambda_d, layer.lambda_b, layer.lambda_m)
-            weight.copy_(merged)
-            layer.lambda_b.zero_()
+            saved[name] = _layer_state(layer)
+            merged, scale = adapted_weight(layer)
+            layer.base_layer.weight.copy_(merged)
             if scale is not None:
-                layer.lambda_m.copy_(row_norms(plain_weight(layer.base_layer)))
-                vectors[f"{name}.merge_scale"] = scale
-    model.qvera_merged = vectors
+                saved[name]["merge_scale"] = scale
+            _assign(layer, layer.method.base_vectors(layer))
+    model.qvera_merged = saved
+
+
+def _assign(layer: VeraLinear, vectors: dict[str, torch.Tensor]) -> None:
+    for which, value in vectors.items():
+        getattr(layer, which).copy_(value)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Subtract ΔW again and restore the vectors. Exact to fp32 rounding on an fp32 base; a bf16
-    base keeps the rounding of W0 + ΔW (as with peft's unmerge)."""
+    """Take the update out of the weights again and restore the vectors. Exact to fp32 rounding
+    on an fp32 base; a bf16 base keeps the rounding of W0 + ΔW (as with peft's unmerge)."""
     layers = _full_precision_layers(model)
-    vectors = getattr(model, "qvera_merged", None)
-    if vectors is None:
+    saved = getattr(model, "qvera_merged", None)
+    if saved is None:
         raise ValueError("the adapter is not merged; nothing to unmerge")
     with torch.no_grad():
         for name, layer in layers.items():
-            lambda_d, lambda_b = vectors[f"{name}.lambda_d"], vectors[f"{name}.lambda_b"]
+            state = dict(saved[name])
             weight = layer.base_layer.weight
-            if f"{name}.merge_scale" in vectors:
-                weight.div_(vectors[f"{name}.merge_scale"].to(weight.device, weight.dtype)[:, None])
-            weight.sub_(layer_delta(layer, lambda_d, lambda_b).to(weight.device, weight.dtype))
-            layer.lambda_b.copy_(lambda_b)
-            if layer.lambda_m is not None:
-                layer.lambda_m.copy_(vectors[f"{name}.lambda_m"])
+            if "merge_scale" in state:
+                weight.div_(state.pop("merge_scale").to(weight.device, weight.dtype)[:, None])
+            weight.sub_(layer_delta(layer, state["lambda_d"], state["lambda_b"]).to(weight.device, weight.dtype))
+            _assign(layer, state)
     model.qvera_merged = None

@@ -19,6 +19,7 @@ from peft import VeraConfig as PeftVeraConfig
 from torch import nn
 
 from qvera.adapters.atomic import atomic_folder
+from qvera.adapters.config import Adapter, AdapterConfig, BaseModel, Projections
 from qvera.adapters.fit import (
     check_fits,
     describe_base,
@@ -27,8 +28,9 @@ from qvera.adapters.fit import (
     projection_shapes,
     projections_fingerprint,
 )
-from qvera.adapters.format import Adapter, adapter_from_model
+from qvera.adapters.format import adapter_from_model
 from qvera.core.base import BUILTIN_SMOLLM2, resolve_model_path
+from qvera.core.methods import method_named
 from qvera.core.random_base import is_random
 from qvera.core.vera import generate_projections
 
@@ -36,7 +38,6 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_FILES = {PEFT_CONFIG, PEFT_WEIGHTS, "README.md"}
 PREFIX = "base_model.model."
-NO_PEFT_DVORA = "peft has no VeRA with a magnitude vector (DVoRA); export to qvera's format or merge instead"
 VECTOR_SUFFIXES = {".vera_lambda_d": ".lambda_d", ".vera_lambda_b": ".lambda_b"}
 
 
@@ -49,8 +50,8 @@ def export_peft(source: nn.Module | Adapter, folder: str | Path, *, save_project
     """
     adapter = source if isinstance(source, Adapter) else adapter_from_model(source)
     config = adapter.config
-    if config.get("magnitude"):
-        raise ValueError(NO_PEFT_DVORA)
+    if refusal := no_peft_vera(config.method):
+        raise ValueError(refusal)
     tensors = {}
     for key, value in adapter.vectors.items():
         layer, _, which = key.rpartition(".")
@@ -60,13 +61,13 @@ def export_peft(source: nn.Module | Adapter, folder: str | Path, *, save_project
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns that save_projection=False relies on the seed: intended
         peft_config = PeftVeraConfig(
-            r=config["rank"],
-            target_modules=sorted(config["targets"]),
-            projection_prng_key=config["seed"],
+            r=config.rank,
+            target_modules=sorted(config.targets),
+            projection_prng_key=config.seed,
             save_projection=save_projection,
-            d_initial=config["d_initial"],
-            base_model_name_or_path=peft_base_name(config["base_model"]["name"]),
-            revision=config["base_model"]["revision"],
+            d_initial=config.d_initial,
+            base_model_name_or_path=peft_base_name(config.base_model.name),
+            revision=config.base_model.revision,
             inference_mode=True,
         )
     folder = Path(folder)
@@ -76,14 +77,21 @@ def export_peft(source: nn.Module | Adapter, folder: str | Path, *, save_project
     return folder
 
 
-def regenerated_projections(config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def no_peft_vera(method: str) -> str | None:
+    """Why peft's VeRA cannot hold an adapter of `method`, in one line; None where it can."""
+    if method_named(method).peft_vera:
+        return None
+    return f"peft has no {method_named(method).title} adapter type; export to qvera's format or merge instead"
+
+
+def regenerated_projections(config: AdapterConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """A and B (fp32, at their widest) regenerated from an adapter description's seed, checked
     against its fingerprint where it records one."""
-    a_shape, b_shape = projection_shapes(config["rank"], config["targets"])
-    A, B = generate_projections(config["rank"], a_shape[1], b_shape[0], config["seed"])
-    if config["projections"]["fingerprint"] not in (None, projections_fingerprint(A, B)):
+    a_shape, b_shape = projection_shapes(config.rank, config.targets)
+    A, B = generate_projections(config.rank, a_shape[1], b_shape[0], config.seed)
+    if config.projections.fingerprint not in (None, projections_fingerprint(A, B)):
         raise ValueError(
-            f"the projections regenerated from seed {config['seed']} do not match the adapter's fingerprint; "
+            f"the projections regenerated from seed {config.seed} do not match the adapter's fingerprint; "
             "this torch build draws other random numbers, so the adapter cannot be exported for peft"
         )
     return A, B
@@ -124,23 +132,21 @@ def import_peft(folder: str | Path, model: nn.Module | None = None) -> Adapter:
         for key, value in vectors.items()
         if key.endswith(".lambda_b")
     }
-    config = {
-        "format": "peft-vera",  # write_adapter stamps qvera's own format when saving it
-        "format_version": peft_config.get("peft_version"),
-        "rank": rank,
-        "seed": seed,
-        "d_initial": peft_config.get("d_initial", 0.1),
-        "target_modules": sorted(targets),
-        "targets": targets,
-        "base_model": {
-            "name": peft_config.get("base_model_name_or_path"),
-            "revision": peft_config.get("revision"),
-            "content_hash": None,
-        },
-        "projections": {"dtype": "float32", "A": None, "B": None, "fingerprint": fingerprint},
-    }
+    config = AdapterConfig(
+        format="peft-vera",  # write_adapter stamps qvera's own format when saving it
+        format_version=peft_config.get("peft_version"),
+        rank=rank,
+        seed=seed,
+        d_initial=peft_config.get("d_initial", 0.1),
+        target_modules=sorted(targets),
+        targets=targets,
+        base_model=BaseModel(
+            name=peft_config.get("base_model_name_or_path"), revision=peft_config.get("revision"), content_hash=None
+        ),
+        projections=Projections(dtype="float32", fingerprint=fingerprint),
+    )
     if model is not None:
-        config["base_model"] = describe_base(model)
+        config.base_model = BaseModel(**describe_base(model))
         here = model_targets(model, targets)
         for name, shape in targets.items():
             if name in here:
@@ -148,7 +154,9 @@ def import_peft(folder: str | Path, model: nn.Module | None = None) -> Adapter:
         adapter = Adapter(config, vectors, folder)
         check_fits(adapter, model)
         a_shape, b_shape = projection_shapes(rank, targets)
-        config["projections"].update(A=a_shape, B=b_shape, fingerprint=model_fingerprint(model, rank, seed, targets))
+        config.projections = Projections(
+            dtype="float32", A=a_shape, B=b_shape, fingerprint=model_fingerprint(model, rank, seed, targets)
+        )
         return adapter
     return Adapter(config, vectors, folder)
 

@@ -7,6 +7,8 @@ from torch import nn
 
 from qvera.core.bnb import disable_cpu_repacking
 from qvera.core.config import VeraConfig
+from qvera.core.method import Method
+from qvera.core.methods import method_named
 from qvera.core.vera import SharedProjections, VeraLinear
 
 PROJECTIONS_ATTR = "vera_projections"
@@ -37,6 +39,7 @@ def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> 
         raise ValueError(f"rank must be a positive integer, got {config.rank}")
     if has_vera(model):
         raise ValueError("this model already has VeRA attached; load more adapters with qvera.adapters instead")
+    method = method_named(config.method)
     targets = find_targets(model, config.target_modules)
     in_max = max(m.in_features for m in targets.values())
     out_max = max(m.out_features for m in targets.values())
@@ -45,11 +48,11 @@ def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> 
     projections.to(device)
     for param in model.parameters():
         param.requires_grad_(False)
-    disable_cpu_repacking(model)  # before wrapping: a magnitude layer reads its dequantized weight
+    disable_cpu_repacking(model)  # before wrapping: a method may read the dequantized weight (DVoRA)
     for name, layer in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        vera = VeraLinear(layer, projections, config.d_initial, fold=config.fold, magnitude=config.magnitude)
+        vera = VeraLinear(layer, projections, config.d_initial, fold=config.fold, method=method)
         setattr(parent, child, vera)
     model.add_module(PROJECTIONS_ATTR, projections)
     model.vera_config = config
@@ -82,37 +85,26 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
-def layer_vectors(layer: VeraLinear) -> dict[str, nn.Parameter]:
-    """A layer's trained vectors by suffix: lambda_d, lambda_b, and lambda_m for DVoRA."""
-    vectors = {"lambda_d": layer.lambda_d, "lambda_b": layer.lambda_b}
-    if layer.lambda_m is not None:
-        vectors["lambda_m"] = layer.lambda_m
-    return vectors
-
-
 def vector_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter: `<layer>.lambda_d`, `<layer>.lambda_b` (and `<layer>.lambda_m` with
-    magnitude=True) for every VeRA layer, fp32 copies."""
+    """The adapter: `<layer>.<suffix>` for every VeRA layer and every vector its method saves
+    (lambda_d and lambda_b; DVoRA adds lambda_m), fp32 copies."""
     return {
         f"{name}.{which}": param.detach().float().cpu().clone()
         for name, layer in vera_layers(model).items()
-        for which, param in layer_vectors(layer).items()
+        for which, param in layer.method.vectors(layer).items()
     }
 
 
-def check_vector_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
-    """Raise one line naming the first vector that `state` lacks, adds or shapes otherwise than the model."""
+def check_vector_state(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter", method: Method | None = None
+) -> None:
+    """Raise one line naming the first vector that `state` lacks, adds or shapes otherwise than
+    the model's layers hold them (or, with `method`, than that method's vectors for them)."""
     expected = {
-        f"{name}.{which}": tuple(param.shape)
+        f"{name}.{which}": shape
         for name, layer in vera_layers(model).items()
-        for which, param in layer_vectors(layer).items()
+        for which, shape in (method or layer.method).shapes(layer.projections[0].rank, layer.out_features).items()
     }
-    has_magnitude = any(key.endswith(".lambda_m") for key in expected)
-    if not has_magnitude and any(key.endswith(".lambda_m") for key in state):
-        raise ValueError(
-            f"{source} is a DVoRA adapter (magnitude vectors) and this model has plain VeRA attached; "
-            "attach with VeraConfig(magnitude=True)"
-        )
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
@@ -129,5 +121,5 @@ def load_vector_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     check_vector_state(model, state)
     with torch.no_grad():
         for name, layer in vera_layers(model).items():
-            for which, param in layer_vectors(layer).items():
+            for which, param in layer.method.vectors(layer).items():
                 param.data = state[f"{name}.{which}"].to(device=param.device, dtype=torch.float32).clone()

@@ -14,16 +14,8 @@ Everything else in qvera calls this module. Three choices keep high rank cheap:
   `A x` (r values a token) is saved: the gradients of d and b both follow from M = gᵀ(A x);
 - below that, the unfolded path saves `A x` and B(d·A x) and needs one matmul in the backward.
 
-DVoRA (`magnitude=True`: VeRA's update inside DoRA, Liu et al., ICML 2024, eq. 5) adds a
-trainable magnitude m (out) per layer, initialised to the row norms of W0 so that it starts
-as the base:
-
-    h = m ⊙ (W0 + ΔW) x / ||W0 + ΔW|| + bias,    ||·|| per output row, detached
-
-The norm gets no gradient (DoRA section 4.3), and the bias is left unscaled, as peft's DoRA
-does. The folded path has W0 + ΔW at hand, so its norm costs one pass over the weight; the
-unfolded path expands ||W0 + ΔW||² over W0 Aᵀ and A Aᵀ, made once per base layer and kept
-(adapted_norm.py), so that a new (d, b) costs out x r² multiply-adds, not out x in x r.
+A method built on VeRA (DVoRA, qvera.core.dvora) adds its own vectors and may scale the
+output row by row; the layer asks its `method` (qvera.core.method) and names none.
 """
 
 from __future__ import annotations
@@ -38,6 +30,7 @@ from torch import nn
 
 from qvera.core.adapted_norm import base_products, expanded_row_norms, expansion_pays, gram
 from qvera.core.bnb import dequantized_weight, is_8bit
+from qvera.core.method import VERA, Method
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -225,15 +218,10 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32)
 
 
-def magnitude_scale(lambda_m: torch.Tensor, adapted_weight: torch.Tensor) -> torch.Tensor:
-    """m / ||W0 + ΔW|| per output row, fp32: DVoRA's only change to VeRA's output."""
-    return lambda_m.float() / row_norms(adapted_weight)
-
-
 class FoldedVeraLinear(torch.autograd.Function):
     """(W0 + ΔW) x as one matmul. Saves `A x` for the vector gradients; W0 + ΔW is rebuilt in
     the backward rather than kept, since it is as large as the layer's weight. With `norms`,
-    also returns ||W0 + ΔW|| per row (fp32, no gradient: DVoRA detaches it)."""
+    also returns ||W0 + ΔW|| per row (fp32, no gradient: a method scaling by it detaches it)."""
 
     @staticmethod
     def forward(ctx, x, ax, lambda_d, lambda_b, base_weight, bias, A, B, norms=False):
@@ -258,10 +246,10 @@ class FoldedVeraLinear(torch.autograd.Function):
 
 class VeraLinear(nn.Module):
     """A frozen linear layer (nn.Linear, bitsandbytes 4-bit or 8-bit) plus VeRA's two vectors,
-    and DVoRA's magnitude m when `magnitude` is set.
+    and whatever its `method` (qvera.core.method) adds: DVoRA's magnitude m, say.
 
     `row_vectors`, when set by the serving code, holds per-row (d, b) for a mixed batch, and
-    for a magnitude layer per-row output scales m / ||W0 + ΔW|| (precomputed per adapter):
+    where a row's method scales the output, per-row output scales (precomputed per adapter):
     `A x` and the product by B stay one matmul for the whole batch.
     """
 
@@ -271,7 +259,7 @@ class VeraLinear(nn.Module):
         projections: SharedProjections,
         d_initial: float,
         fold: bool = True,
-        magnitude: bool = False,
+        method: Method = VERA,
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -280,12 +268,8 @@ class VeraLinear(nn.Module):
         device = base_layer.weight.device
         self.lambda_d = nn.Parameter(torch.full((projections.rank,), float(d_initial), device=device))
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
-        if magnitude and is_8bit(base_layer):
-            raise ValueError("DVoRA (magnitude=True) needs an nf4, bf16 or fp32 base; int8 weights are not dequantized")
-        # m starts at ||W0|| (b = 0), so the adapted layer starts as the base layer.
-        self.lambda_m = (
-            nn.Parameter(row_norms(dequantized_weight(base_layer, torch.float32)).to(device)) if magnitude else None
-        )
+        self.method = method
+        method.init_layer(self)
         self.fold = fold
         self.row_vectors: tuple[torch.Tensor, ...] | None = None
         self._norm_cache: tuple[torch.Tensor, ...] | None = None
@@ -296,17 +280,17 @@ class VeraLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        magnitude = ", magnitude" if self.lambda_m is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, rank={self.projections[0].rank}{magnitude}"
+        method = "" if self.method is VERA else f", {self.method.name}"
+        return f"in={self.in_features}, out={self.out_features}, rank={self.projections[0].rank}{method}"
 
     def _should_fold(self, tokens: int) -> bool:
         """Per r: folding costs 2·out·in (ΔW built in forward and backward) + tokens·(out + in)
-        (`A x` and gᵀ(A x)); the unfolded path tokens·2·(out + in), and a magnitude layer's
-        unfolded norm out·min(r, in) (expanded, or W0 + ΔW formed), which the folded path gets
-        with its weight. Fold past the crossover."""
+        (`A x` and gᵀ(A x)); the unfolded path tokens·2·(out + in), and for a method scaling by
+        ||W0 + ΔW|| the unfolded norm out·min(r, in) (expanded, or W0 + ΔW formed), which the
+        folded path gets with its weight. Fold past the crossover."""
         if not (self.fold and torch.is_grad_enabled()) or is_8bit(self.base_layer):
             return False  # without gradients the unfolded path is cheaper at decode sizes
-        unfolded_norm = min(self.projections[0].rank, self.in_features) if self.lambda_m is not None else 0
+        unfolded_norm = min(self.projections[0].rank, self.in_features) if self.method.scales_by_norm else 0
         folding_extra = self.out_features * (2 * self.in_features - unfolded_norm)
         return folding_extra < tokens * (self.out_features + self.in_features)
 
@@ -351,7 +335,6 @@ class VeraLinear(nn.Module):
         A, B = projections.sliced(self.in_features, self.out_features, dtype)
         # The vectors are fp32 whatever a trainer did to them; the math below casts copies.
         lambda_d, lambda_b = cast(self.lambda_d, torch.float32), cast(self.lambda_b, torch.float32)
-        magnitude = self.lambda_m is not None and self.row_vectors is None
         if self.row_vectors is None and self._should_fold(x.numel() // x.shape[-1]):
             with autocast_off(x):
                 x_c = x.to(dtype)
@@ -360,24 +343,28 @@ class VeraLinear(nn.Module):
                     return dequantized_weight(self.base_layer, dtype)
 
                 ax, bias = projections.project(x, A), self.base_layer.bias
-                if not magnitude:
-                    return FoldedVeraLinear.apply(x_c, ax, lambda_d, lambda_b, weight, bias, A, B)
+                if not self.method.scales_by_norm:
+                    out = FoldedVeraLinear.apply(x_c, ax, lambda_d, lambda_b, weight, bias, A, B)
+                    scale = self.method.scale(self, self.vectors_now(lambda_d, lambda_b))
+                    return out if scale is None else self._rescaled(out, scale)
                 out, norms = FoldedVeraLinear.apply(x_c, ax, lambda_d, lambda_b, weight, None, A, B, True)
-                out = out * (self.lambda_m.float() / norms).to(dtype)
+                out = out * self.method.scale(self, self.vectors_now(lambda_d, lambda_b), norms).to(dtype)
                 return out if bias is None else out + bias.to(dtype)
         base = self.base_layer(x)  # exactly as without VeRA, under the caller's autocast
         with autocast_off(x):
             ax = projections.project(x, A)  # cast there, once for all the layers that read x
-            scale = None
             if self.row_vectors is None:
                 add_vera = AddVeraDelta.apply if torch.is_grad_enabled() else AddVeraDelta.inference
                 out = add_vera(base, ax, lambda_d, lambda_b, B)
-                if magnitude:
-                    scale = self.lambda_m.float() / self.adapted_norms(lambda_d, lambda_b)
+                scale = self.method.scale(self, self.vectors_now(lambda_d, lambda_b))
             else:
-                d_rows, b_rows, *scale_rows = self.row_vectors  # scale rows: magnitude layers only
+                d_rows, b_rows, *scale_rows = self.row_vectors  # scale rows: where a row's method scales
                 v = F.linear(ax * cast(d_rows, dtype)[:, None, :], B)
                 out = add_scaled(base, v, cast(b_rows, dtype)[:, None, :])
-                if scale_rows:
-                    scale = scale_rows[0][:, None, :]
+                scale = scale_rows[0][:, None, :] if scale_rows else None
         return out if scale is None else self._rescaled(out, scale)
+
+    def vectors_now(self, lambda_d: torch.Tensor, lambda_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The method's vectors with d and b as given (the forward's fp32 casts): what
+        `Method.scale` and `Method.rows` take."""
+        return {**self.method.vectors(self), "lambda_d": lambda_d, "lambda_b": lambda_b}

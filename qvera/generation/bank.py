@@ -9,10 +9,10 @@ one (a server reloads it from its folder on the next request that names it). `dt
 resident vectors are stored: the forward casts them to the compute dtype anyway, so storing
 them in it (bfloat16 for an NF4 base) halves their memory and changes no result.
 
-On a model attached with magnitude=True (DVoRA), each adapter also gets one output scale per
-layer row, m / ||W0 + ΔW||, computed once when it is added; a plain VeRA adapter added there
-becomes the DVoRA adapter with m = ||W0 + ΔW||, the same function (its scales are exactly 1),
-so plain and DVoRA adapters share a mixed batch.
+Each adapter keeps its method (qvera.core.method), which turns its vectors into the rows a
+mixed batch runs: (d, b) per layer and, for a method that scales the output (DVoRA's
+m / ||W0 + ΔW||), one scale per row, computed once when the adapter is added. So adapters of
+different methods share a mixed batch; rows of a method without a scale get a scale of 1.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qvera.core.attach import (
-    check_vector_state,
-    load_vector_state,
-    vector_state,
-    vera_layers,
-)
+from qvera.core.attach import check_vector_state, load_vector_state, vector_state, vera_layers
+from qvera.core.method import Method
+from qvera.core.methods import method_named
+
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (d, b, output scale or None) of one layer
 
 
 class AdapterBank:
@@ -40,9 +39,10 @@ class AdapterBank:
         if not self.layers:
             raise ValueError("this model has no VeRA attached; call qvera.attach_vera first")
         self.device = next(iter(self.layers.values())).lambda_d.device
+        self.method = next(iter(self.layers.values())).method  # the one the layers were attached with
         self.adapters: dict[str, dict[str, torch.Tensor]] = {}
-        self.magnitude = any(layer.lambda_m is not None for layer in self.layers.values())
-        self.scales: dict[str, dict[str, torch.Tensor]] = {}  # DVoRA: per adapter, per layer
+        self.methods: dict[str, Method] = {}
+        self.rows_of: dict[str, dict[str, Rows]] = {}  # per adapter, per layer
         self.active: str | None = None
         self._last_use: dict[str, int] = {}
         self._clock = 0
@@ -50,32 +50,25 @@ class AdapterBank:
     def names(self) -> list[str]:
         return list(self.adapters)
 
-    def add(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Keep an adapter's vectors (as from `vector_state` or an adapter file)."""
+    def add(self, name: str, state: dict[str, torch.Tensor], method: str | None = None) -> None:
+        """Keep an adapter's vectors (as from `vector_state` or an adapter file) of the method
+        named `method` (by default the one the model's layers were attached with)."""
         if not name:
             raise ValueError("an adapter needs a non-empty name")
-        if self.magnitude and not any(key.endswith(".lambda_m") for key in state):
-            state = {**state, **self._plain_magnitudes(state)}
-        check_vector_state(self.model, state, source=f"adapter {name!r}")
-        self.adapters[name] = {k: v.detach().to(self.device, self.dtype).clone() for k, v in state.items()}
-        if self.magnitude:
-            self.scales[name] = self._scales(self.adapters[name])
+        method = self.method if method is None else method_named(method)
+        check_vector_state(self.model, state, source=f"adapter {name!r}", method=method)
+        stored = {k: v.detach().to(self.device, self.dtype).clone() for k, v in state.items()}
+        rows = {}
+        with torch.no_grad():
+            for layer_name, layer in self.layers.items():
+                vectors = {which: stored[f"{layer_name}.{which}"] for which in method.vector_names()}
+                d, b, scale = method.rows(layer, vectors)
+                rows[layer_name] = (d.to(self.dtype), b.to(self.dtype), scale)
+        self.adapters[name], self.methods[name], self.rows_of[name] = stored, method, rows
         self.touch([name])
         if self.max_resident is not None:
             while len(self.adapters) > self.max_resident:
                 self.remove(min(self._last_use, key=self._last_use.get))
-
-    def _norms(self, layer_name: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        d, b = (state[f"{layer_name}.lambda_{which}"].to(self.device, torch.float32) for which in "db")
-        return self.layers[layer_name].adapted_norms(d, b)
-
-    def _plain_magnitudes(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """m = ||W0 + ΔW||: a plain VeRA adapter as a DVoRA one."""
-        return {f"{name}.lambda_m": self._norms(name, state) for name in self.layers if f"{name}.lambda_d" in state}
-
-    def _scales(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """m / ||W0 + ΔW|| per layer: all a mixed batch needs of DVoRA's magnitude."""
-        return {name: state[f"{name}.lambda_m"].float() / self._norms(name, state) for name in self.layers}
 
     def touch(self, names: list[str | None]) -> None:
         """Mark resident adapters as just used, so eviction spares them."""
@@ -90,9 +83,7 @@ class AdapterBank:
 
     def remove(self, name: str) -> None:
         self._require(name)
-        del self.adapters[name]
-        del self._last_use[name]
-        self.scales.pop(name, None)
+        del self.adapters[name], self.methods[name], self.rows_of[name], self._last_use[name]
         if self.active == name:
             self.activate(None)
 
@@ -101,11 +92,16 @@ class AdapterBank:
         if name is None:
             with torch.no_grad():
                 for layer in self.layers.values():
-                    layer.lambda_b.zero_()
-                    if layer.lambda_m is not None:  # m = ||W0||: the scale is 1
-                        layer.lambda_m.copy_(layer.adapted_norms(layer.lambda_d, layer.lambda_b))
+                    for which, value in layer.method.base_vectors(layer).items():
+                        getattr(layer, which).copy_(value)
         else:
-            load_vector_state(self.model, self._require(name))
+            self._require(name)
+            if self.methods[name] is not self.method:
+                raise ValueError(
+                    f"adapter {name!r} is a {self.methods[name].title} adapter and this model's layers are "
+                    f"{self.method.title}; run it in a mixed batch (mixed_batch, gather) instead"
+                )
+            load_vector_state(self.model, self.adapters[name])
             self.touch([name])
         self.active = name
 
@@ -122,28 +118,25 @@ class AdapterBank:
         )
 
     def gather(self, row_adapters: list[str | None]) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Per layer, the (d, b) of every row stacked (zeros for None, the base), and for DVoRA
-        the rows' output scales: what a mixed batch sets as each layer's `row_vectors`. A server
-        keeps these while its rows stay."""
+        """Per layer, the (d, b) of every row stacked (zeros for None, the base), and where a
+        row's method scales the output, every row's scale (1 for the others): what a mixed batch
+        sets as each layer's `row_vectors`. A server keeps these while its rows stay."""
         for name in row_adapters:
             if name is not None:
                 self._require(name)
         self.touch(row_adapters)
         gathered = {}
         for layer_name, layer in self.layers.items():
-            d_rows, b_rows = [], []
-            for name in row_adapters:
-                if name is None:
-                    d_rows.append(torch.zeros_like(layer.lambda_d, dtype=self.dtype))
-                    b_rows.append(torch.zeros_like(layer.lambda_b, dtype=self.dtype))
-                else:
-                    d_rows.append(self.adapters[name][f"{layer_name}.lambda_d"])
-                    b_rows.append(self.adapters[name][f"{layer_name}.lambda_b"])
-            gathered[layer_name] = (torch.stack(d_rows), torch.stack(b_rows))
-            if self.magnitude:  # DVoRA: one output scale per row, 1 for the base
+            base = (
+                torch.zeros_like(layer.lambda_d, dtype=self.dtype),
+                torch.zeros_like(layer.lambda_b, dtype=self.dtype),
+                None,
+            )
+            rows = [base if name is None else self.rows_of[name][layer_name] for name in row_adapters]
+            gathered[layer_name] = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+            if any(r[2] is not None for r in rows):
                 ones = torch.ones(layer.out_features, device=self.device)
-                scales = [ones if name is None else self.scales[name][layer_name] for name in row_adapters]
-                gathered[layer_name] += (torch.stack(scales),)
+                gathered[layer_name] += (torch.stack([ones if r[2] is None else r[2] for r in rows]),)
         return gathered
 
     def rows(self, gathered: dict[str, tuple[torch.Tensor, ...]]):
@@ -176,8 +169,8 @@ def own_vectors_as_rows(layers: dict[str, nn.Module], dtype: torch.dtype) -> dic
     rows = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            d, b = layer.lambda_d.float(), layer.lambda_b.float()
+            d, b, scale = layer.method.rows(layer, layer.vectors_now(layer.lambda_d.float(), layer.lambda_b.float()))
             rows[name] = (d.to(dtype)[None], b.to(dtype)[None])
-            if layer.lambda_m is not None:  # DVoRA: the output scale the unfolded path applies
-                rows[name] += ((layer.lambda_m.float() / layer.adapted_norms(d, b))[None],)
+            if scale is not None:  # the output scale the layer's own path applies (DVoRA)
+                rows[name] += (scale[None],)
     return rows

@@ -241,7 +241,7 @@ def reply_batch(
     bank = AdapterBank(model, dtype=model.dtype)
     for folder, adapter in adapters.items():
         check_fits(adapter, model, source=folder)
-        bank.add(folder, adapter.vectors)
+        bank.add(folder, adapter.vectors, adapter.config.method)
     return generate(model, tokenizer, conversations, adapter_folders, bank, sampling, batch_invariant=batch_invariant)
 
 

@@ -116,7 +116,7 @@ class AdapterStore:
                 self.versions += 1
                 key = f"{name}@{self.versions}"
                 self.bank.touch(held)  # the least recently used adapter that leaves is one nobody holds
-                self.bank.add(key, adapter.vectors)
+                self.bank.add(key, adapter.vectors, adapter.config.method)
                 self.current[name] = (key, stamp)
             self.pins[key] += 1
             self.bank.touch([key])
@@ -197,8 +197,7 @@ class AdapterStore:
     def _shared_vera_config(self, names: list[str]) -> VeraConfig:
         """Every served adapter shares A and B, so one rank, seed and set of targets serves:
         the one most adapters that fit this base were trained with (ties: the first name).
-        With a magnitude (DVoRA) among them, the layers get one, and plain adapters run with
-        an output scale of 1 beside it."""
+        The layers are plain VeRA: the bank runs each adapter as rows of its own method."""
         fitting, errors = {}, []
         for name in names:
             try:
@@ -206,11 +205,11 @@ class AdapterStore:
             except RequestError as err:
                 errors.append(err.message)
                 continue
-            config = adapter.vera_config
+            config = adapter.config.vera_config
             fitting.setdefault(
                 (config.rank, config.projection_seed, config.d_initial, tuple(config.target_modules)), []
             ).append(adapter)
         if not fitting:
             raise ValueError(f"no adapter in {self.folder} fits this base; the first says: {errors[0]}")
         group = max(fitting.values(), key=len)
-        return dataclasses.replace(group[0].vera_config, magnitude=any(a.vera_config.magnitude for a in group))
+        return dataclasses.replace(group[0].config.vera_config, method="vera")

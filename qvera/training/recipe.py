@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import HfArgumentParser, SchedulerType
 from transformers.training_args import OptimizerNames
 
-from qvera.adapters.peft_interop import NO_PEFT_DVORA
+from qvera.adapters.peft_interop import no_peft_vera
 from qvera.core.base import QUANTIZATIONS
 from qvera.core.config import HelpFormatter, ModelConfig, VeraConfig, from_dict, load_yaml, option, tidy_flags
 from qvera.core.hardware import COMPUTE_DTYPES
@@ -188,7 +188,7 @@ def check_recipe(recipe: SFTRecipe) -> None:
             "train.lr_scale_d, lr_scale_b and lr_scale_m must be above 0, got "
             f"{train.lr_scale_d}, {train.lr_scale_b} and {train.lr_scale_m}",
         ),
-        (train.export_peft and vera.magnitude, "train.export_peft: " + NO_PEFT_DVORA),
+        (train.export_peft and no_peft_vera(vera.method), f"train.export_peft: {no_peft_vera(vera.method)}"),
         (
             not train.run_name or Path(train.run_name).name != train.run_name or train.run_name in (".", ".."),
             f"train.run_name must be a plain folder name, got {train.run_name!r}; use --output-dir for a path",

@@ -1,15 +1,17 @@
-"""DVoRA adapters (magnitude=True) through the format, merge, peft export and serving."""
+"""DVoRA adapters (method="dvora") through the format, merge, peft export and serving."""
 
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 
 import pytest
 import torch
 from conftest import adapted, logits, tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from qvera.adapters.format import CONFIG_FILE, read_adapter, save_adapter
+from qvera.adapters.format import CONFIG_FILE, config_checksum, read_adapter, save_adapter
 from qvera.adapters.loading import attach_adapter
 from qvera.adapters.merge import merge, merged_state_dict, unmerge
 from qvera.adapters.peft_interop import export_peft
@@ -22,7 +24,7 @@ from qvera.training.recipe import recipe_from_dict
 
 def dvora(base_dir, quantization="fp32", seed=1, **vera):
     """A DVoRA model with random d, b and m (m within ±30% of its initial row norms)."""
-    model, tokenizer = adapted(base_dir, quantization, seed=seed, magnitude=True, **vera)
+    model, tokenizer = adapted(base_dir, quantization, seed=seed, method="dvora", **vera)
     generator = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for layer in vera_layers(model).values():
@@ -38,37 +40,63 @@ def dvora_adapter(tiny_llama_dir, tmp_path_factory):
     return folder, vector_state(model), logits(model, tokenizer)
 
 
-def test_magnitude_adapter_round_trips_as_format_version_2(tiny_llama_dir, dvora_adapter):
+def test_dvora_adapter_round_trips_as_format_version_3(tiny_llama_dir, dvora_adapter):
     folder, vectors, expected = dvora_adapter
     adapter = read_adapter(folder)
-    assert adapter.config["format_version"] == 2 and adapter.config["magnitude"] is True
-    assert adapter.vera_config.magnitude
+    assert adapter.config.format_version == 3 and adapter.config.method == "dvora"
+    assert adapter.config.vera_config.method == "dvora"
     assert sorted(adapter.vectors) == sorted(vectors)
     assert any(key.endswith(".lambda_m") for key in vectors)
     for key, value in vectors.items():
         assert torch.equal(adapter.vectors[key], value)
     model, tokenizer = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="fp32"))
-    attach_adapter(model, folder)  # attaches with magnitude=True from the folder alone
+    attach_adapter(model, folder)  # attaches DVoRA from the folder alone
     torch.testing.assert_close(logits(model, tokenizer), expected, atol=1e-5, rtol=0)
 
 
 def test_plain_adapters_stay_at_format_version_1(tiny_llama_dir, tmp_path):
     model, _ = adapted(tiny_llama_dir)
     adapter = read_adapter(save_adapter(model, tmp_path / "plain"))
-    assert adapter.config["format_version"] == 1 and adapter.config["magnitude"] is False
-    assert not adapter.vera_config.magnitude
+    assert adapter.config.format_version == 1 and adapter.config.method == "vera"
+    assert json.loads((adapter.folder / CONFIG_FILE).read_text())["method"] == "vera"
 
 
-def test_qvera_reading_version_1_only_refuses_a_magnitude_adapter(dvora_adapter, monkeypatch):
-    monkeypatch.setattr("qvera.adapters.format.FORMAT_VERSION", 1)  # qvera before DVoRA
-    with pytest.raises(ValueError, match=r"format version 2, newer than this qvera reads \(1\); upgrade qvera"):
+def as_version_2(folder):
+    """Rewrite a DVoRA adapter's description as qvera wrote version 2: `magnitude: true`, no method."""
+    path = folder / CONFIG_FILE
+    config = json.loads(path.read_text())
+    del config["method"]
+    config.update(format_version=2, magnitude=True)
+    config["checksum"] = config_checksum(config)
+    path.write_text(json.dumps(config))
+
+
+def test_a_version_2_dvora_file_still_loads_as_dvora(tiny_llama_dir, dvora_adapter, tmp_path):
+    folder, vectors, expected = dvora_adapter
+    old = tmp_path / "v2"
+    shutil.copytree(folder, old)
+    as_version_2(old)
+    adapter = read_adapter(old)
+    assert adapter.config.method == "dvora" and adapter.vectors.keys() == vectors.keys()
+    model, tokenizer = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="fp32"))
+    attach_adapter(model, old)
+    torch.testing.assert_close(logits(model, tokenizer), expected, atol=1e-5, rtol=0)
+
+
+def test_qvera_reading_version_2_only_refuses_a_dvora_adapter(dvora_adapter, monkeypatch):
+    monkeypatch.setattr("qvera.adapters.format.FORMAT_VERSION", 2)  # qvera before methods were named
+    with pytest.raises(ValueError, match=r"format version 3, newer than this qvera reads \(2\); upgrade qvera"):
         read_adapter(dvora_adapter[0])
     assert (dvora_adapter[0] / CONFIG_FILE).is_file()
 
 
-def test_magnitude_adapter_on_a_plain_model_fails_in_one_line(tiny_llama_dir, dvora_adapter):
+def test_dvora_adapter_on_a_plain_model_fails_in_one_line(tiny_llama_dir, dvora_adapter):
     model, _ = adapted(tiny_llama_dir)
-    with pytest.raises(ValueError, match=r"DVoRA adapter .* attach with VeraConfig\(magnitude=True\)") as err:
+    with pytest.raises(
+        ValueError,
+        match=r"is a DVoRA adapter and this model has VeRA attached; attach with "
+        r"VeraConfig\(method='dvora'\)",
+    ) as err:
         attach_adapter(model, dvora_adapter[0])
     assert "\n" not in str(err.value)
 
@@ -106,15 +134,19 @@ def test_merged_weights_give_the_adapted_logits_and_unmerge_restores_w0(tiny_lla
     assert (logits(model, tokenizer) - ours).abs().max() <= 1e-5
 
 
-def test_peft_export_refuses_a_magnitude_adapter(tiny_llama_dir, dvora_adapter, tmp_path):
-    message = r"peft has no VeRA with a magnitude vector \(DVoRA\); export to qvera's format or merge instead"
+def test_peft_export_refuses_a_dvora_adapter(tiny_llama_dir, dvora_adapter, tmp_path):
+    message = r"peft has no DVoRA adapter type; export to qvera's format or merge instead"
     with pytest.raises(ValueError, match=message):
         export_peft(read_adapter(dvora_adapter[0]), tmp_path / "peft")
     with pytest.raises(ValueError, match=message):
         export_peft(dvora(tiny_llama_dir)[0], tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
     with pytest.raises(ValueError, match="train.export_peft: " + message):
-        recipe_from_dict({"vera": {"magnitude": True}, "train": {"export_peft": True}})
+        recipe_from_dict({"vera": {"method": "dvora"}, "train": {"export_peft": True}})
+    with pytest.raises(
+        ValueError, match=r"^recipe \[vera\]: magnitude is no longer a VeraConfig key; write `method: dvora`"
+    ):
+        recipe_from_dict({"vera": {"magnitude": True}})
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +166,8 @@ def random_vectors(model, seed):
     return state
 
 
-def run_alone(base, state, ids, magnitude):
-    model = attach_vera(copy.deepcopy(base), VeraConfig(rank=24, projection_seed=3, magnitude=magnitude))
+def run_alone(base, state, ids, method):
+    model = attach_vera(copy.deepcopy(base), VeraConfig(rank=24, projection_seed=3, method=method))
     load_vector_state(model, state)
     with torch.no_grad():
         return model(input_ids=ids).logits[0]
@@ -143,12 +175,11 @@ def run_alone(base, state, ids, magnitude):
 
 def test_mixed_batch_of_dvora_and_plain_adapters_equals_each_alone(small_base):
     plain_model = attach_vera(copy.deepcopy(small_base), VeraConfig(rank=24, projection_seed=3))
-    model = attach_vera(copy.deepcopy(small_base), VeraConfig(rank=24, projection_seed=3, magnitude=True))
+    model = attach_vera(copy.deepcopy(small_base), VeraConfig(rank=24, projection_seed=3, method="dvora"))
     bank = AdapterBank(model)
     states = {"dvora": random_vectors(model, 0), "plain": random_vectors(plain_model, 1)}
-    for name, state in states.items():
-        bank.add(name, state)
-    assert all(torch.equal(scale, torch.ones_like(scale)) for scale in bank.scales["plain"].values())
+    bank.add("dvora", states["dvora"])
+    bank.add("plain", states["plain"], "vera")
 
     rows = ["dvora", "plain", None, "dvora"]
     ids = torch.randint(0, 300, (len(rows), 12), generator=torch.Generator().manual_seed(0))
@@ -156,7 +187,7 @@ def test_mixed_batch_of_dvora_and_plain_adapters_equals_each_alone(small_base):
         mixed = model(input_ids=ids).logits
     for row, name in enumerate(rows):
         state = {k: torch.zeros_like(v) for k, v in states["plain"].items()} if name is None else states[name]
-        expected = run_alone(small_base, state, ids[row : row + 1], magnitude=name == "dvora")
+        expected = run_alone(small_base, state, ids[row : row + 1], "dvora" if name == "dvora" else "vera")
         torch.testing.assert_close(mixed[row], expected, atol=1e-5, rtol=1e-5)
     assert (mixed[0] - mixed[1]).abs().max() > 1e-2  # the adapters differ, so the check has teeth
 

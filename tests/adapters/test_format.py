@@ -184,7 +184,7 @@ def _hand_built(**overrides):
             lambda f: (_old_style(f), _edit_config(f, projections__fingerprint="0" * 64)),
             "projections regenerated from seed 0 do not match its fingerprint",
         ),
-        (lambda f: _edit_config(f, format_version=3), "format version 3, newer than this qvera reads"),
+        (lambda f: _edit_config(f, format_version=4), "format version 4, newer than this qvera reads"),
         (lambda f: _truncate(f / VECTORS_FILE), "vectors.safetensors is truncated or corrupted"),
         (lambda f: _flip_byte(f / VECTORS_FILE), "vectors.safetensors is truncated or corrupted"),
         (lambda f: _truncate(f / CONFIG_FILE), "qvera_adapter.json is truncated or corrupted"),

@@ -35,7 +35,7 @@ def vera_model(base_dir, quantization="fp32", compute_dtype="bfloat16", **vera):
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in vera_layers(model).values():
-            if layer.lambda_m is not None:  # away from ||W0||, so a wrong norm convention shows
+            if layer.method.name == "dvora":  # away from ||W0||, so a wrong norm convention shows
                 layer.lambda_m.mul_(1 + 0.3 * torch.rand(layer.lambda_m.shape, generator=generator))
     return model, tokenizer
 
@@ -46,7 +46,7 @@ def vera_model(base_dir, quantization="fp32", compute_dtype="bfloat16", **vera):
         ("tiny", dict(rank=8)),
         # r = 96 is wider than k/v's 32 outputs and every 64-wide input
         ("odd", dict(rank=96, target_modules=["k_proj", "v_proj", "o_proj", "down_proj"])),
-        ("odd", dict(rank=16, target_modules=["q_proj", "v_proj", "up_proj"], magnitude=True)),
+        ("odd", dict(rank=16, target_modules=["q_proj", "v_proj", "up_proj"], method="dvora")),
     ],
     ids=["gqa-all-linear", "bias-untied-subset-wide-rank", "dvora-as-dora"],
 )
@@ -57,23 +57,23 @@ def test_peft_lora_gives_qvera_logits(tiny_llama_dir, odd_llama_dir, tmp_path, b
     config = json.loads((result.folder / "adapter_config.json").read_text())
     rank = vera["rank"]
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", rank, rank)
-    assert config["use_dora"] == vera.get("magnitude", False)
+    assert config["use_dora"] == (vera.get("method") == "dvora")
     assert sorted(config["target_modules"]) == sorted(vera_layers(model))  # peft keeps a set
     with safe_open(result.folder / "adapter_model.safetensors", "pt") as f:
         keys = set(f.keys())
     layer = "base_model.model.model.layers.1.self_attn.v_proj"
     assert {f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"} <= keys
-    assert (f"{layer}.lora_magnitude_vector" in keys) == vera.get("magnitude", False)
+    assert (f"{layer}.lora_magnitude_vector" in keys) == (vera.get("method") == "dvora")
     assert result.exact and result.rank == rank
     diff = (logits(peft_model(base_dir, result.folder), tokenizer) - logits(model, tokenizer)).abs().max()
     assert diff <= 1e-5
 
 
-@pytest.mark.parametrize("magnitude", [False, True], ids=["vera", "dvora"])
-def test_peft_lora_on_a_4bit_base(tiny_llama_dir, tmp_path, magnitude):
+@pytest.mark.parametrize("method", ["vera", "dvora"])
+def test_peft_lora_on_a_4bit_base(tiny_llama_dir, tmp_path, method):
     ours, theirs = {}, {}
     for compute_dtype in ("float32", "bfloat16"):
-        model, tokenizer = vera_model(tiny_llama_dir, "nf4", compute_dtype, rank=8, magnitude=magnitude)
+        model, tokenizer = vera_model(tiny_llama_dir, "nf4", compute_dtype, rank=8, method=method)
         ours[compute_dtype] = logits(model, tokenizer)
         folder = export_lora(adapter_from_model(model), tmp_path / compute_dtype).folder
         theirs[compute_dtype] = logits(peft_model(tiny_llama_dir, folder, "nf4", compute_dtype), tokenizer)
@@ -105,8 +105,8 @@ def test_factors_are_the_vera_update(tiny_llama_dir):
     model, _ = vera_model(tiny_llama_dir, rank=8, target_modules=["down_proj"])
     A, B = generate_projections(8, 160, 64, 0)
     layer = vera_layers(model)["model.layers.0.mlp.down_proj"]
-    lora_A, lora_B = lora_factors(adapter_from_model(model))["model.layers.0.mlp.down_proj"]
-    assert lora_A.shape == (8, 160) and lora_B.shape == (64, 8)
+    lora_A, lora_B, extra = lora_factors(adapter_from_model(model))["model.layers.0.mlp.down_proj"]
+    assert lora_A.shape == (8, 160) and lora_B.shape == (64, 8) and extra == {}
     expected = delta_weight(layer.lambda_d.detach(), layer.lambda_b.detach(), A, B)
     assert torch.allclose(lora_B @ lora_A, expected, atol=1e-6)
 
@@ -114,7 +114,7 @@ def test_factors_are_the_vera_update(tiny_llama_dir):
 def test_rank_below_the_adapters_truncates_by_svd(tiny_llama_dir, tmp_path):
     model, tokenizer = vera_model(tiny_llama_dir, rank=24, target_modules=["q_proj", "k_proj", "down_proj"])
     adapter = adapter_from_model(model)
-    deltas = {name: B @ A for name, (A, B) in lora_factors(adapter).items()}
+    deltas = {name: B @ A for name, (A, B, _) in lora_factors(adapter).items()}
     worst = {}
     for rank in (4, 12, 24, 40):
         result = export_lora(adapter, tmp_path / f"r{rank}", rank=rank)

@@ -102,8 +102,8 @@ def test_import_gives_peft_logits(tiny_llama_dir, peft_adapter):
     folder, expected = peft_adapter
     model, tokenizer = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="fp32"))
     adapter = import_peft(folder, model)
-    assert (adapter.config["rank"], adapter.config["seed"]) == (RANK, 3)
-    assert adapter.config["targets"]["model.layers.1.mlp.down_proj"] == [64, 160]
+    assert (adapter.config.rank, adapter.config.seed) == (RANK, 3)
+    assert adapter.config.targets["model.layers.1.mlp.down_proj"] == [64, 160]
     attach_adapter(model, adapter)
     assert len(vera_layers(model)) == 6
     assert (logits(model, tokenizer) - expected).abs().max() <= 1e-5
@@ -127,7 +127,7 @@ def test_imported_adapter_saves_as_a_qvera_folder(tiny_llama_dir, peft_adapter, 
 
 def test_import_without_a_model_reads_what_the_folder_says(peft_adapter):
     adapter = import_peft(peft_adapter[0])
-    assert adapter.config["targets"]["model.layers.0.self_attn.v_proj"] == [32, None]  # inputs need the base
+    assert adapter.config.targets["model.layers.0.self_attn.v_proj"] == [32, None]  # inputs need the base
     assert len(adapter.vectors) == 12
 
 
@@ -162,7 +162,7 @@ def test_export_names_a_base_peft_can_load(tiny_llama_dir, smollm2_dir, tmp_path
     adapter = adapter_from_model(adapted(tiny_llama_dir)[0])
     folder = export_peft(adapter, tmp_path / "folder-base")
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_llama_dir
-    adapter.config["base_model"]["name"] = "smollm2-135m"
+    adapter.config.base_model.name = "smollm2-135m"
     folder = export_peft(adapter, tmp_path / "builtin-base")
     written = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert written == str(Path(smollm2_dir).resolve()) and (Path(written) / "config.json").is_file()

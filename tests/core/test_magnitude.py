@@ -1,4 +1,4 @@
-"""DVoRA (VeraConfig(magnitude=True)) against a dense fp32 reference written out plainly."""
+"""DVoRA (VeraConfig(method="dvora")) against a dense fp32 reference written out plainly."""
 
 import json
 
@@ -15,6 +15,7 @@ from qvera.core.attach import attach_vera, vera_layers
 from qvera.core.base import load_base
 from qvera.core.bnb import dequantized_weight
 from qvera.core.config import ModelConfig, VeraConfig
+from qvera.core.methods import METHODS
 from qvera.core.vera import SharedProjections, VeraLinear, folded_weight, generate_projections, row_norms
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -31,7 +32,7 @@ def magnitude_layer(fold, seed=0, in_features=12, out_features=10, rank=6):
     torch.manual_seed(seed)
     base = nn.Linear(in_features, out_features)
     projections = SharedProjections(rank, in_features, out_features, seed)
-    layer = VeraLinear(base, projections, d_initial=0.1, fold=fold, magnitude=True)
+    layer = VeraLinear(base, projections, d_initial=0.1, fold=fold, method=METHODS["dvora"])
     with torch.no_grad():
         layer.lambda_d.copy_(torch.randn(rank))
         layer.lambda_b.copy_(torch.randn(out_features) * 0.5)
@@ -73,7 +74,7 @@ def test_unfolded_norm_follows_changed_vectors():
 
 @pytest.mark.parametrize("quantization", ["fp32", "nf4"])
 def test_magnitude_starts_at_the_base_row_norms_and_the_model_at_the_base(tiny_llama_dir, quantization):
-    model, tokenizer = adapted(tiny_llama_dir, quantization, magnitude=True)
+    model, tokenizer = adapted(tiny_llama_dir, quantization, method="dvora")
     before = logits(model, tokenizer)
     with torch.no_grad():
         for layer in vera_layers(model).values():
@@ -102,8 +103,8 @@ def vector_grads(model, tokenizer, tokens):
 
 
 def test_nf4_base_trains_on_both_paths(tiny_llama_dir):
-    folded, tokenizer = adapted(tiny_llama_dir, "nf4", magnitude=True)
-    unfolded, _ = adapted(tiny_llama_dir, "nf4", magnitude=True, fold=False)
+    folded, tokenizer = adapted(tiny_llama_dir, "nf4", method="dvora")
+    unfolded, _ = adapted(tiny_llama_dir, "nf4", method="dvora", fold=False)
     tokens = 96  # past every layer's crossover: the folded model folds each layer
     assert all(layer._should_fold(tokens) for layer in vera_layers(folded).values())
     a, b = vector_grads(folded, tokenizer, tokens), vector_grads(unfolded, tokenizer, tokens)
@@ -146,7 +147,7 @@ def test_nf4_layers_expand_their_norm_where_it_costs_less_and_match_the_dense_no
     In eval mode (as loaded, as a server holds it) every layer forms W0 + ΔW and keeps nothing;
     once it has trained it holds the products, and evaluating uses them too."""
     model, _ = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="nf4", compute_dtype="bfloat16"))
-    attach_vera(model, VeraConfig(rank=rank, magnitude=True))
+    attach_vera(model, VeraConfig(rank=rank, method="dvora"))
     randomize_vectors(model, seed=rank)
     formed = []
     monkeypatch.setattr("qvera.core.vera.folded_weight", lambda *args: formed.append(1) or folded_weight(*args))

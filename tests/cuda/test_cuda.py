@@ -211,7 +211,7 @@ def test_training_loss_falls_on_cuda(bf16_dir, tmp_path, compute_dtype, optimize
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
     saved, trained = read_adapter(result.adapter_dir), vector_state(trainer.accelerator.unwrap_model(trainer.model))
-    assert saved.config["rank"] == recipe.vera.rank and saved.vectors.keys() == trained.keys()
+    assert saved.config.rank == recipe.vera.rank and saved.vectors.keys() == trained.keys()
     assert all(torch.equal(saved.vectors[k], trained[k]) for k in trained)
     recipe.train.max_steps, recipe.train.resume = 14, True
     resumed, _ = train(recipe, log=lambda *a: None)

@@ -46,4 +46,4 @@ def test_two_processes_train_as_one(tmp_path):
     assert two["losses"] == pytest.approx(one_process_losses(), abs=1e-3)
     assert two["reloaded_adapter_loss"] == pytest.approx(two["final_loss"], abs=1e-5)
     adapter = read_adapter(two["adapter"])
-    assert adapter.config["rank"] == 16 and len(adapter.config["targets"]) == 28
+    assert adapter.config.rank == 16 and len(adapter.config.targets) == 28

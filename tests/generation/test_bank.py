@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM
 
 from qvera import VeraConfig, attach_vera
 from qvera.core.attach import vector_state, vera_layers
+from qvera.core.methods import METHODS
 from qvera.core.vera import SharedProjections, VeraLinear
 from qvera.generation.bank import AdapterBank, own_vectors_as_rows, running_rows
 
@@ -179,13 +180,13 @@ def test_serving_benchmark_times_the_servers_batcher_in_both_modes(tiny_llama_di
     assert report["batch_invariant_over_default"] == pytest.approx(speed["batch_invariant"] / speed["default"])
 
 
-@pytest.mark.parametrize("magnitude", [False, True], ids=["VeRA", "DVoRA"])
-def test_a_layers_own_vectors_as_rows_give_its_numbers(magnitude):
+@pytest.mark.parametrize("method", ["vera", "dvora"])
+def test_a_layers_own_vectors_as_rows_give_its_numbers(method):
     """Decoding runs the model's own fp32 vectors as one bf16 row, cast once: bit for bit the
     layer's own output, with DVoRA's output scale too."""
     torch.manual_seed(9)
     base_layer = torch.nn.Linear(24, 20).to(torch.bfloat16).requires_grad_(False)
-    layer = VeraLinear(base_layer, SharedProjections(16, 24, 20, seed=0), 0.1, fold=False, magnitude=magnitude)
+    layer = VeraLinear(base_layer, SharedProjections(16, 24, 20, seed=0), 0.1, fold=False, method=METHODS[method])
     with torch.no_grad():
         for vector in (layer.lambda_d, layer.lambda_b):
             vector.normal_()

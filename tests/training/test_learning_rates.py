@@ -41,7 +41,7 @@ def recipe(model_dir, tmp_path, **train_values) -> SFTRecipe:
     values.update(train_values)
     return SFTRecipe(
         model=ModelConfig(name=model_dir, quantization="nf4"),
-        vera=VeraConfig(rank=16, magnitude=True),
+        vera=VeraConfig(rank=16, method="dvora"),
         data=DataConfig(path=str(tmp_path / "train.jsonl"), eval_fraction=0, max_length=96),
         train=TrainConfig(**values),
     )
@@ -98,4 +98,4 @@ def test_a_dvora_run_moves_each_vector_by_its_rate_and_saves_a_dvora_adapter(tin
     config.train.output_dir = str(tmp_path / "whole-run")
     result, _ = train(config, log=lambda _: None)  # the whole run, from recipe to adapter folder
     adapter = read_adapter(result.adapter_dir)
-    assert adapter.config["format_version"] == 2 and adapter.vera_config.magnitude
+    assert adapter.config.format_version == 3 and adapter.config.method == "dvora"
