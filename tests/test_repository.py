@@ -77,3 +77,60 @@ def test_imports_run_one_way_between_the_packages():
     assert "qvera.generation.decode" in qvera_imports(ROOT / "qvera" / "training" / "demo.py") | qvera_imports(
         ROOT / "qvera" / "training" / "evaluate.py"
     )
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The qvera modules a source file imports when it is imported (or type-checked): statements at
+    its top level and inside top-level `if`/`try` blocks (TYPE_CHECKING too), not inside functions."""
+    names, pending = set(), list(ast.parse(path.read_text(encoding="utf-8")).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try)):
+            pending += [*node.body, *node.orelse, *getattr(node, "finalbody", []), *getattr(node, "handlers", [])]
+        elif isinstance(node, ast.ExceptHandler):
+            pending += node.body
+    return {n for n in names if n.startswith("qvera.")}
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """Every cycle of module-level imports between the modules under `root`/qvera, one per cycle."""
+    modules = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in (root / "qvera").rglob("*.py")
+    }
+    graph = {
+        name: {n for n in module_level_imports(path) if n in modules and n != name} for name, path in modules.items()
+    }
+    cycles, done = [], set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in trail:
+            cycle = trail[trail.index(name) :]
+            if set(cycle) not in [set(c) for c in cycles]:
+                cycles.append(cycle + [name])
+            return
+        if name in done:
+            return
+        for imported in sorted(graph[name]):
+            visit(imported, trail + [name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    return cycles
+
+
+def test_no_module_level_import_cycle_inside_qvera(tmp_path):
+    assert import_cycles(ROOT) == []
+    # And the test sees a cycle when there is one: two modules importing each other, one only for typing.
+    package = tmp_path / "qvera" / "adapters"
+    package.mkdir(parents=True)
+    (package / "fit.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from qvera.adapters.format import Adapter\n"
+    )
+    (package / "format.py").write_text("from qvera.adapters.fit import check_fits\n")
+    assert import_cycles(tmp_path) == [["qvera.adapters.fit", "qvera.adapters.format", "qvera.adapters.fit"]]
