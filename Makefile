@@ -30,4 +30,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 bench: setup
-	$(PY) scripts/bench.py
+	$(PY) experiments/bench.py

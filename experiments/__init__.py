@@ -1,2 +1,2 @@
 """Experiments and measurements outside the installed package: the quality study and the
-profiling helpers behind scripts/bench.py."""
+profiling helpers behind experiments/bench.py."""

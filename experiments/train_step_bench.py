@@ -4,7 +4,7 @@ fused LM head (no full logits over the sequence), attention off cuDNN's kernels.
 each method's usual one: qvera's default fused AdamW (transformers' default too), and QLoRA's
 paged 8-bit AdamW for peft's adapters on a GPU (fused AdamW on a CPU). Per variant:
 tokens/s and peak allocated and reserved GPU memory; and the longest batch-1 sequence that
-trains under each memory cap. Used by `scripts/bench.py --device cuda`; runs on a CPU too
+trains under each memory cap. Used by `experiments/bench.py --device cuda`; runs on a CPU too
 (no memory figures there), which is how it is tested without a GPU.
 """
 

@@ -1,7 +1,7 @@
 """Where a training step's time goes, variant against variant: kernel time by kind and host time.
 
 The GPU benchmark gives each variant's tokens/s; this says why two differ. Each variant is built
-alone on the random base (as `scripts/bench.py` builds it), warmed up, timed over a few steps, and
+alone on the random base (as `experiments/bench.py` builds it), warmed up, timed over a few steps, and
 one step is profiled: the device's kernel time summed by kind (matrix products, NF4 dequantizing,
 attention, the optimizer, the rest) and the host time of the step. On a CPU there are no kernels;
 the operators' own host time stands in, which is enough to test that the script runs.

@@ -1,7 +1,5 @@
-"""Adapter files from the command line: export, convert, merge, inspect, load-check.
-
-Same as the `qvera` console command; see `python scripts/export.py --help`.
-"""
+"""The `qvera` command as a script (qvera/cli/): inspect, export, convert, merge and load-check
+adapter folders, and the other sub-commands. `python scripts/export.py --help` lists them."""
 
 import sys
 

@@ -130,7 +130,7 @@ stage chat "$OUT/chat.log" \
     "$PYTHON" scripts/chat.py --model random:llama2-7b --adapter "$OUT/sft/adapter" --max-new-tokens 16 \
     --prompt "Name three rivers." --adapter none --prompt "Name three rivers."
 stage bench "$OUT/bench.log" \
-    "$PYTHON" scripts/bench.py --device cuda --shape llama2-7b --repeats 2 --max-context 8 \
+    "$PYTHON" experiments/bench.py --device cuda --shape llama2-7b --repeats 2 --max-context 8 \
     --json "$OUT/bench.json" --markdown "$OUT/bench.md"
 stage train_profile "$OUT/train_profile.log" \
     "$PYTHON" experiments/train_step_profile.py --variants qvera:512 peft-lora:64 --repeats 2 \
@@ -144,7 +144,7 @@ stage attention_shapes "$OUT/attention_shapes.log" \
     "$PYTHON" experiments/attention_new_shapes.py --shapes 12 --json "$OUT/attention_shapes.json"
 # One repeat: every run meets new shapes (bench_serving.py lengthens the prompts), so a second
 # measures the same thing again.
-SERVING=("$PYTHON" scripts/bench_serving.py --model random:llama2-7b --adapters 32 --new-tokens 32 --repeats 1)
+SERVING=("$PYTHON" experiments/bench_serving.py --model random:llama2-7b --adapters 32 --new-tokens 32 --repeats 1)
 stage serving "$OUT/serving.log" "${SERVING[@]}" --loop-adapters 2 --compare-cudnn \
     --profile "$OUT/decode_profile.txt" --json "$OUT/serving.json"
 

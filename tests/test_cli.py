@@ -182,7 +182,7 @@ def test_disk_errors_are_one_line_naming_the_path(saved, tmp_path, capsys, monke
     def failing_disk(folder, *args, **kwargs):  # as a read fails, whatever reads the folder
         raise OSError(5, "Input/output error", str(Path(folder) / CONFIG_FILE))
 
-    monkeypatch.setattr("qvera.cli.read_any", failing_disk)
+    monkeypatch.setattr("qvera.cli.adapters.read_any", failing_disk)
     assert main(["inspect", str(qvera_folder)]) == 1
     assert capsys.readouterr().err == f"qvera inspect: error: {qvera_folder / CONFIG_FILE}: Input/output error\n"
 

@@ -94,7 +94,8 @@ def script_help(script: Path) -> str:
 
 @pytest.fixture(scope="module")
 def known_flags() -> set[str]:
-    texts = [script_help(s) for s in sorted((ROOT / "scripts").glob("*.py"))]
+    benchmarks = [ROOT / "experiments" / name for name in ("bench.py", "bench_serving.py", "load_test.py")]
+    texts = [script_help(s) for s in [*sorted((ROOT / "scripts").glob("*.py")), *benchmarks]]
     root = cli.parser()
     texts.append(root.format_help())
     for action in root._actions:

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from qvera.adapters.fit import check_fits
 from qvera.adapters.loading import attach_adapter, read_any
 from qvera.core.attach import vera_layers
+from qvera.core.config import option
 from qvera.generation.bank import AdapterBank, own_vectors_as_rows, running_rows
 from qvera.generation.invariance import generation_numerics
 from qvera.generation.last_logits import fold_last_position
@@ -28,9 +29,11 @@ from qvera.generation.last_logits import fold_last_position
 class Sampling:
     """How the next token is picked; temperature 0 is greedy (argmax)."""
 
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 256
+    _argument_group_name = "sampling"
+
+    temperature: float = option(0.7, "how far sampling strays from the likeliest token; 0: greedy")
+    top_p: float = option(0.9, "nucleus sampling: draw from the likeliest tokens that hold this much probability")
+    max_new_tokens: int = option(256, "the longest reply, in tokens")
 
     def __post_init__(self):
         if not self.temperature >= 0:

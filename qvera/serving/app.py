@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect
 from torch import nn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from qvera.core.config import option
 from qvera.generation.decode import Sampling
 from qvera.serving.openai_schema import Parsed, Reply, RequestError, parse, usage
 from qvera.serving.scheduler import Job, Scheduler
@@ -46,17 +47,25 @@ from qvera.serving.store import AdapterStore
 
 @dataclass
 class ServeOptions:
-    max_resident: int = 64
-    max_batch_size: int = 32
-    prefill_tokens: int = 128  # prompt tokens fed per prefill step, all new requests together
-    api_key: str | None = None
-    max_body_bytes: int = 1_000_000
-    request_timeout: float = 600.0  # seconds a generation may take, queueing included
-    defaults: Sampling = field(default_factory=Sampling)
-    batch_invariant: bool = False  # replies bit for bit those of each request alone, at some speed
-    read_timeout: float = 10.0  # seconds a client has to send a request's headers and body
-    max_pending: int = 1024  # requests waiting or generating at once; more get a 503
-    stall_seconds: float = 120.0  # a worker with work that has not stepped this long is reported stalled
+    """How the server runs; `qvera serve` makes each field a flag (the sampling defaults have their own group)."""
+
+    _argument_group_name = "server"
+
+    max_resident: int = option(64, "adapters kept in memory; the least recently used leave")
+    max_batch_size: int = option(32, "requests generating at once")
+    prefill_tokens: int = option(128, "prompt tokens fed per prefill step, all new requests together")
+    api_key: str | None = option(
+        None, "require `Authorization: Bearer KEY` on /v1 routes (unset: $QVERA_API_KEY; neither: open routes)"
+    )
+    max_body_bytes: int = option(1_000_000, "larger request bodies get a 413")
+    request_timeout: float = option(600.0, "seconds a generation may take, queueing included")
+    defaults: Sampling = field(default_factory=Sampling)  # for requests that leave a setting out
+    batch_invariant: bool = option(
+        False, "a reply is bit for bit that of its request alone, whatever shares the batch (slower)"
+    )
+    read_timeout: float = option(10.0, "seconds a client has to send a request's headers and body; slower ones close")
+    max_pending: int = option(1024, "requests waiting or generating at once; more get a 503")
+    stall_seconds: float = option(120.0, "seconds a worker with work may go without a step before /health says stalled")
 
     def __post_init__(self):
         for name in ("max_resident", "max_batch_size", "prefill_tokens", "max_body_bytes", "max_pending"):

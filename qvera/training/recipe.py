@@ -219,7 +219,10 @@ def _check_writable(folder: Path) -> None:
 
 
 def parse_recipe(
-    argv: list[str] | None, default_config: str | Path | None = None, description: str | None = None
+    argv: list[str] | None,
+    default_config: str | Path | None = None,
+    description: str | None = None,
+    prog: str | None = None,
 ) -> SFTRecipe:
     """The recipe a command line asks for: the dataclasses' defaults, or the YAML named by
     --config, then flags over it.
@@ -227,13 +230,17 @@ def parse_recipe(
     Every field is a flag named after it (HfArgumentParser); `--config X --help` shows each
     flag with the value it would take under X. Errors exit with argparse's one-line usage error.
     """
-    first = argparse.ArgumentParser(add_help=False)
+    first = argparse.ArgumentParser(prog=prog, add_help=False)
     first.add_argument(
         "--config", default=default_config, help="recipe YAML (configs/); unset: the defaults shown below"
     )
     known, _ = first.parse_known_args(argv)
     parser = HfArgumentParser(
-        [cls for cls in SECTIONS.values()], description=description, parents=[first], formatter_class=HelpFormatter
+        [cls for cls in SECTIONS.values()],
+        prog=prog,
+        description=description,
+        parents=[first],
+        formatter_class=HelpFormatter,
     )
     base = SFTRecipe()
     if known.config is not None:

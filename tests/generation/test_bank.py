@@ -119,7 +119,7 @@ def test_bytes_per_adapter_counts_fp32_vectors(bank):
 
 
 def test_serving_benchmark_reports_speeds_and_sizes(tiny_llama_dir, tmp_path):
-    script = Path(__file__).parents[2] / "scripts" / "bench_serving.py"
+    script = Path(__file__).parents[2] / "experiments" / "bench_serving.py"
     args = [
         "--model",
         tiny_llama_dir,
@@ -162,14 +162,14 @@ def test_serving_benchmark_reports_speeds_and_sizes(tiny_llama_dir, tmp_path):
 
 def test_every_timed_run_of_the_serving_benchmark_meets_new_shapes():
     """A kernel cache keyed on shapes must not serve one run from an earlier one."""
-    script = Path(__file__).parents[2] / "scripts" / "bench_serving.py"
+    script = Path(__file__).parents[2] / "experiments" / "bench_serving.py"
     fresh = runpy.run_path(str(script))["FreshShapes"]([[5, 6, 7], [8, 9]])
     first, second = fresh(), fresh()
     assert first == [[5, 5, 6, 7], [8, 8, 9]] and second == [[5, 5, 5, 6, 7], [8, 8, 8, 9]]
 
 
 def test_serving_benchmark_times_the_servers_batcher_in_both_modes(tiny_llama_dir, tmp_path):
-    script = Path(__file__).parents[2] / "scripts" / "bench_serving.py"
+    script = Path(__file__).parents[2] / "experiments" / "bench_serving.py"
     args = ["--model", tiny_llama_dir, "--quantization", "fp32", "--rank", "8", "--adapters", "3"]
     args += ["--new-tokens", "3", "--repeats", "1", "--server", "--json", str(tmp_path / "r.json")]
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from qvera.cli.chat import answer
+
 CHAT = runpy.run_path(str(Path(__file__).resolve().parents[2] / "scripts" / "chat.py"), run_name="chat")
 
 
@@ -26,7 +28,7 @@ class InterruptedChat:
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_conversation(capsys):
     chat = InterruptedChat()
-    CHAT["answer"](chat, "Tell me about rivers.")
+    answer(chat, "Tell me about rivers.")
     assert capsys.readouterr().out == "Rivers flow [stopped]\n"
     assert chat.messages[:2] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     assert chat.messages[2:] == [

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import refused_before_loading, save_tiny_llama
+from conftest import save_tiny_llama
+from test_commands import refused
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters import save_adapter
@@ -42,24 +43,22 @@ def adapters(tmp_path_factory):
 )
 def test_serve_refuses_bad_options_before_loading_the_base(adapters, monkeypatch, capsys, flags, message):
     base, folder = adapters
-    code, line = refused_before_loading(
-        "serve.py", ["--model", base, "--adapters", str(folder), *flags], monkeypatch, capsys
-    )
+    code, line = refused("serve.py", ["--model", base, "--adapters", str(folder), *flags], monkeypatch, capsys)
     assert code == 2 and line.startswith("serve.py: error: ") and message in line
 
 
 def test_serve_refuses_a_missing_or_empty_adapters_folder_and_a_port_in_use(adapters, tmp_path, monkeypatch, capsys):
     base, folder = adapters
     argv = ["--model", base, "--adapters"]
-    code, line = refused_before_loading("serve.py", [*argv, str(tmp_path / "none")], monkeypatch, capsys)
+    code, line = refused("serve.py", [*argv, str(tmp_path / "none")], monkeypatch, capsys)
     assert code == 2 and line.endswith(
         f"adapters folder {tmp_path / 'none'} does not exist; create it and save adapters into it"
     )
-    code, line = refused_before_loading("serve.py", [*argv, str(tmp_path)], monkeypatch, capsys)
+    code, line = refused("serve.py", [*argv, str(tmp_path)], monkeypatch, capsys)
     assert code == 2 and line.endswith(f"{tmp_path} holds no adapter; save one there with qvera.adapters.save_adapter")
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        code, line = refused_before_loading("serve.py", [*argv, str(folder), "--port", str(port)], monkeypatch, capsys)
+        code, line = refused("serve.py", [*argv, str(folder), "--port", str(port)], monkeypatch, capsys)
     assert code == 2 and line.endswith(
         f"cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port or --host"
     )
@@ -68,13 +67,9 @@ def test_serve_refuses_a_missing_or_empty_adapters_folder_and_a_port_in_use(adap
 def test_chat_refuses_an_adapter_of_another_base_before_loading_it(adapters, tmp_path, monkeypatch, capsys):
     base, folder = adapters
     other = save_tiny_llama(tmp_path / "other", dtype=torch.float32, seed=1)
-    code, line = refused_before_loading(
-        "chat.py", ["--model", other, "--adapter", str(folder / "alpha")], monkeypatch, capsys
-    )
+    code, line = refused("chat.py", ["--model", other, "--adapter", str(folder / "alpha")], monkeypatch, capsys)
     assert code == 2 and line.startswith("chat.py: error: ") and "was made for another base model" in line
-    code, line = refused_before_loading(
-        "chat.py", ["--model", base, "--adapter", str(tmp_path / "x")], monkeypatch, capsys
-    )
+    code, line = refused("chat.py", ["--model", base, "--adapter", str(tmp_path / "x")], monkeypatch, capsys)
     assert code == 2 and line.endswith(
         f"adapter folder {tmp_path / 'x'} does not exist; pass the folder a training run saved"
     )

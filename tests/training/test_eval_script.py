@@ -5,7 +5,8 @@ import runpy
 import sys
 
 import pytest
-from conftest import DATA_DIR, REPO, refused_before_loading
+from conftest import DATA_DIR, REPO
+from test_commands import refused
 
 import qvera.adapters.loading
 
@@ -19,13 +20,13 @@ TARNWICK_EVAL = f"{DATA_DIR}/tarnwick_eval.jsonl"
         (["--dataset", "/none.json"], "data file /none.json does not exist; pass a .json, .jsonl or .parquet file"),
         (["--dataset", f"{DATA_DIR}/README.md"], "README.md: unsupported file type '.md'; use .json, .jsonl"),
         (["--dataset", DATA, "--limit", "0"], "limit must be at least 1, got 0"),
-        (["--dataset", DATA, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-        (["--dataset", DATA, "--max-length", "-1"], "--max-length must be at least 1, got -1"),
+        (["--dataset", DATA, "--batch-size", "0"], "batch_size must be at least 1, got 0"),
+        (["--dataset", DATA, "--max-length", "-1"], "max_length must be at least 1, got -1"),
     ],
     ids=lambda v: " ".join(v[-2:]) if isinstance(v, list) else "",
 )
 def test_eval_refuses_bad_input_before_loading_the_model(monkeypatch, capsys, flags, message):
-    code, line = refused_before_loading("eval.py", flags, monkeypatch, capsys, loader="load_adapted")
+    code, line = refused("eval.py", flags, monkeypatch, capsys, loader="load_adapted")
     assert code == 2 and line.startswith("eval.py: error: ") and message in line
 
 
@@ -35,7 +36,7 @@ def test_eval_names_a_missing_adapter_folder_before_loading_the_base(monkeypatch
 
     monkeypatch.setattr(qvera.adapters.loading, "load_base", loaded)
     argv = ["--dataset", DATA, "--adapter", str(tmp_path / "x")]
-    code, line = refused_before_loading("eval.py", argv, monkeypatch, capsys, loader=None)
+    code, line = refused("eval.py", argv, monkeypatch, capsys, loader=None)
     assert code == 1
     assert (
         line == f"eval.py: error: adapter folder {tmp_path / 'x'} does not exist; pass the folder a training run saved"

@@ -8,10 +8,10 @@ the backward (each storage once, and every save as a naive hook counts) and thei
 the floor; floating-point work per step as PyTorch's flop counter sees it; trainable
 parameters; adapter file bytes.
 
-    python scripts/bench.py                      # SmolLM2-135M in NF4, batch 4 x 256, bf16 autocast
-    python scripts/bench.py --json bench.json    # also write the rows as JSON
-    python scripts/bench.py --meta llama2-7b     # work and saved bytes at Llama-2-7B shapes, no weights
-    python scripts/bench.py --device cuda --shape llama2-7b --max-context 8 12 16 24   # one GPU
+    python experiments/bench.py                      # SmolLM2-135M in NF4, batch 4 x 256, bf16 autocast
+    python experiments/bench.py --json bench.json    # also write the rows as JSON
+    python experiments/bench.py --meta llama2-7b     # work and saved bytes at Llama-2-7B shapes, no weights
+    python experiments/bench.py --device cuda --shape llama2-7b --max-context 8 12 16 24   # one GPU
 
 `--device cuda` builds a random-weight model of the `--shape` (Llama-2-7B: no download),
 quantizes it to NF4 on the GPU and measures tokens/s and peak memory per variant at batch 1 x
@@ -38,7 +38,7 @@ import torch
 import qvera
 from qvera.adapters.format import save_adapter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside scripts/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -256,7 +256,7 @@ def main(argv=None) -> None:
     if "floor" not in args.variants:
         parser.error("--variants must include 'floor': every ratio is taken against it")
 
-    command = f"python scripts/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    command = f"python experiments/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     torch.manual_seed(0)
     rows = []
     if cuda:

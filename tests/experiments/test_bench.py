@@ -1,4 +1,4 @@
-"""scripts/bench.py end to end on a tiny 4-bit model: rows, ratios and JSON fields."""
+"""experiments/bench.py end to end on a tiny 4-bit model: rows, ratios and JSON fields."""
 
 import argparse
 import json
@@ -14,14 +14,14 @@ import torch
 from experiments import train_step_bench
 from qvera.core.attach import vera_layers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_writes_rows_with_ratios(tiny_llama_dir, tmp_path):
     out = tmp_path / "bench.json"
     command = [
         sys.executable,
-        "scripts/bench.py",
+        "experiments/bench.py",
         "--model",
         tiny_llama_dir,
         "--variants",
@@ -42,7 +42,7 @@ def test_bench_writes_rows_with_ratios(tiny_llama_dir, tmp_path):
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| qvera | 32 |" in result.stdout and "command: python scripts/bench.py --model" in result.stdout
+    assert "| qvera | 32 |" in result.stdout and "command: python experiments/bench.py --model" in result.stdout
     rows = {row["variant"]: row for row in json.loads(out.read_text())}
     for field in (
         "rank",
@@ -68,7 +68,7 @@ def test_bench_writes_rows_with_ratios(tiny_llama_dir, tmp_path):
 
 def test_bench_refuses_a_run_without_the_floor():
     result = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--variants", "qvera:8"],
+        [sys.executable, "experiments/bench.py", "--variants", "qvera:8"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -106,7 +106,7 @@ def test_bench_refuses_bad_flags_in_one_line():
         if flags[0] == "--device" and torch.cuda.is_available():
             continue
         result = subprocess.run(
-            [sys.executable, "scripts/bench.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120
+            [sys.executable, "experiments/bench.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 2 and message in result.stderr
 
@@ -169,7 +169,7 @@ def test_train_step_bench_refuses_to_measure_over_a_leftover_model(monkeypatch):
 
 def test_gpu_bench_keeps_the_rows_measured_before_a_failure(monkeypatch, tmp_path):
     """A GPU run stopped midway (time limit, error) still leaves its finished rows in the JSON."""
-    bench_cuda = runpy.run_path(str(ROOT / "scripts" / "bench.py"), run_name="bench")["bench_cuda"]
+    bench_cuda = runpy.run_path(str(ROOT / "experiments" / "bench.py"), run_name="bench")["bench_cuda"]
     row = dict(variant="floor", rank=0, batch=1, seq=8, step_s=1.0, tokens_per_s=8.0, trainable=0)
     row |= dict(peak_allocated_gb=1.0, peak_reserved_gb=1.0)
 
@@ -183,14 +183,14 @@ def test_gpu_bench_keeps_the_rows_measured_before_a_failure(monkeypatch, tmp_pat
     args = argparse.Namespace(variants=["floor", "qvera:512"], shape="tiny", batch=1, seq=8, repeats=1, rounds=0)
     args.compute_dtype, args.max_context, args.json, args.markdown = "auto", [], tmp_path / "b.json", tmp_path / "b.md"
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        bench_cuda(args, "python scripts/bench.py --device cuda")
+        bench_cuda(args, "python experiments/bench.py --device cuda")
     report = json.loads(args.json.read_text())
     assert report["device"] == "a GPU" and [r["variant"] for r in report["rows"]] == ["floor"]
     assert "| floor | - | - | 1 x 8 |" in args.markdown.read_text()
 
 
 def test_gpu_bench_falls_back_when_the_variants_do_not_fit_at_once(monkeypatch, tmp_path, capsys):
-    bench_cuda = runpy.run_path(str(ROOT / "scripts" / "bench.py"), run_name="bench")["bench_cuda"]
+    bench_cuda = runpy.run_path(str(ROOT / "experiments" / "bench.py"), run_name="bench")["bench_cuda"]
     row = dict(variant="floor", rank=0, batch=1, seq=8, step_s=1.0, tokens_per_s=8.0, trainable=0)
     row |= dict(peak_allocated_gb=1.0, peak_reserved_gb=1.0)
 
@@ -202,6 +202,6 @@ def test_gpu_bench_falls_back_when_the_variants_do_not_fit_at_once(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
     args = argparse.Namespace(variants=["floor"], shape="tiny", batch=1, seq=8, repeats=1, rounds=5)
     args.compute_dtype, args.max_context, args.json, args.markdown = "auto", [], tmp_path / "b.json", tmp_path / "b.md"
-    bench_cuda(args, "python scripts/bench.py --device cuda")
+    bench_cuda(args, "python experiments/bench.py --device cuda")
     assert "do not fit on this GPU all at once" in capsys.readouterr().err
     assert "interleaved_tokens_per_s" not in json.loads(args.json.read_text())["rows"][0]

@@ -17,7 +17,7 @@ as the server reports it) under 3 decode
 steps (the server's median decode step under load); RSS growth under 5%; every hang-up
 cancelled.
 
-    python scripts/load_test.py --clients 16 --adapters 8 --requests 4 --json load.json
+    python experiments/load_test.py --clients 16 --adapters 8 --requests 4 --json load.json
 """
 
 from __future__ import annotations

@@ -25,11 +25,11 @@ printed: memory per resident adapter (vectors kept in the compute dtype, as the 
 keeps them), and how many Llama-2-7B adapters at the same rank and dtype fit in 1 GB (10^9
 bytes; sizes from a meta-device model).
 
-    python scripts/bench_serving.py                    # SmolLM2-135M in NF4, 32 adapters at r=512
-    python scripts/bench_serving.py --json serving.json
-    python scripts/bench_serving.py --threads 1 --new-tokens 8 --loop-adapters 8   # a busy CPU
-    python scripts/bench_serving.py --threads 1 --new-tokens 8 --server            # batch-invariant cost
-    python scripts/bench_serving.py --model random:llama2-7b --loop-adapters 4 --compare-cudnn   # a GPU
+    python experiments/bench_serving.py                    # SmolLM2-135M in NF4, 32 adapters at r=512
+    python experiments/bench_serving.py --json serving.json
+    python experiments/bench_serving.py --threads 1 --new-tokens 8 --loop-adapters 8   # a busy CPU
+    python experiments/bench_serving.py --threads 1 --new-tokens 8 --server            # batch-invariant cost
+    python experiments/bench_serving.py --model random:llama2-7b --loop-adapters 4 --compare-cudnn   # a GPU
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import torch
 
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base, load_vector_state
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside scripts/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
 from experiments.profiling import llama2_7b_adapter_size
 from qvera.adapters import save_adapter
