@@ -87,7 +87,7 @@ def main() -> int:
         load_vector_state(plain, vectors)
         folder = save_adapter(plain, out / f"adapter_{world}")
         reloaded, _ = load_base(BASE)
-        attach_adapter(reloaded, read_adapter(folder, reloaded))
+        attach_adapter(reloaded, read_adapter(folder))
         with torch.no_grad():
             reloaded_loss = sum(loss_of(reloaded, ids[r::world]).item() for r in range(world)) / world
         result = {

@@ -14,6 +14,7 @@ from qvera.core.config import VeraConfig
 from qvera.core.methods import METHODS
 
 FORMAT = "qvera-adapter"
+PEFT_FORMAT = "peft-vera"  # an Adapter read from a peft folder (its base name is not checkable)
 VECTORS_FILE = "vectors.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -1,15 +1,20 @@
 """Does an adapter fit a model? Base identity, target layers and shapes, rank, seed and the
-projections' fingerprint, checked before any computation, each failure one line naming it."""
+projections' fingerprint, checked before any computation, each failure one line naming it.
+
+Whoever attaches an adapter checks it once (`check_fits`); on a bare model the check generates
+A and B to compare fingerprints, and hands them back (`Fit`) so that attaching uses them
+rather than generating them again."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qvera.adapters.config import Adapter, BaseModel
+from qvera.adapters.config import PEFT_FORMAT, Adapter, BaseModel
 from qvera.core.attach import (
     find_targets,
     has_vera,
@@ -72,14 +77,25 @@ def projection_shapes(rank: int, targets: dict[str, list[int]]) -> tuple[list[in
     return [rank, max(s[1] for s in targets.values())], [max(s[0] for s in targets.values()), rank]
 
 
-def check_fits(adapter: Adapter, model: nn.Module, *, source: str | None = None) -> None:
+@dataclass
+class Fit:
+    """What `check_fits` hands to whoever attaches: on a bare model, the A and B it generated to
+    check the fingerprint (pass them to attach_vera); None where the model has VeRA attached or
+    the adapter records no fingerprint."""
+
+    projections: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def check_fits(adapter: Adapter, model: nn.Module, *, source: str | None = None) -> Fit:
     """Raise one clear line naming the first thing that differs between the adapter and the
-    model (with or without VeRA attached), before any computation; `source` (by default the
-    folder the adapter was read from) starts the line."""
+    model (with or without VeRA attached, or its meta-device twin), before any computation;
+    `source` (by default the folder the adapter was read from) starts the line."""
     source = source or str(adapter.folder or "adapter")
     config = adapter.config
-    _check_base(config.base_model, BaseModel(**describe_base(model)), source)
-    _check_targets(config.targets, model_targets(model, config.targets), source)
+    if config.format != PEFT_FORMAT:  # peft records a name to load, no identity to check
+        _check_base(config.base_model, BaseModel(**describe_base(model)), source)
+    here = model_targets(model, config.targets)
+    _check_targets(config.targets, here, source)
     if has_vera(model):
         projections = shared_projections(model)
         rank, seed = projections.rank, projections.seed
@@ -95,13 +111,15 @@ def check_fits(adapter: Adapter, model: nn.Module, *, source: str | None = None)
             )
     expected = config.projections.fingerprint
     if expected is None:
-        return
-    fingerprint = model_fingerprint(model, config.rank, config.seed, config.targets)
+        return Fit()
+    A, B = model_projections(model, config.rank, config.seed, here)
+    fingerprint = projections_fingerprint(A, B)
     if fingerprint != expected:
         raise ValueError(
             f"{source}: the projections regenerated from seed {config.seed} do not match its fingerprint "
             f"({fingerprint[:12]} here, {expected[:12]} recorded); this torch build draws other random numbers"
         )
+    return Fit(None if has_vera(model) else (A, B))
 
 
 def model_targets(model: nn.Module, names) -> dict[str, list[int]]:
@@ -111,13 +129,14 @@ def model_targets(model: nn.Module, names) -> dict[str, list[int]]:
     return {n: [m.out_features, m.in_features] for n, m in find_targets(model, sorted(names)).items()}
 
 
-def model_fingerprint(model: nn.Module, rank: int, seed: int, targets: dict[str, list[int]]) -> str:
-    """The fingerprint of the model's projections, or of those attach_vera would generate."""
+def model_projections(model: nn.Module, rank: int, seed: int, targets: dict[str, list[int]]):
+    """The model's A and B, or on a bare model those attach_vera would generate for `targets`
+    ([out, in] of the model's layers)."""
     if has_vera(model):
         projections = shared_projections(model)
-        return projections_fingerprint(projections.A, projections.B)
+        return projections.A, projections.B
     a_shape, b_shape = projection_shapes(rank, targets)
-    return projections_fingerprint(*generate_projections(rank, a_shape[1], b_shape[0], seed))
+    return generate_projections(rank, a_shape[1], b_shape[0], seed)
 
 
 def _check_base(recorded: BaseModel, here: BaseModel, source: str) -> None:
@@ -151,7 +170,7 @@ def _check_targets(recorded: dict, here: dict, source: str) -> None:
             "load it on the base and target modules it was trained with"
         )
     for name, shape in recorded.items():
-        if list(shape) != list(here[name]):
+        if shape[0] != here[name][0] or shape[1] not in (None, here[name][1]):  # a peft import lacks `in`
             raise ValueError(
                 f"{source}: layer {name} is {tuple(shape)} in the adapter but {tuple(here[name])} in this model "
                 "(out, in); it was made for another base model"

@@ -44,7 +44,6 @@ from qvera.adapters.config import (
     Vectors,
 )
 from qvera.adapters.fit import (
-    check_fits,
     describe_base,
     projection_shapes,
     projections_fingerprint,
@@ -184,8 +183,9 @@ def model_card(config: AdapterConfig) -> str:
     )
 
 
-def read_adapter(folder: str | Path, model: nn.Module | None = None) -> Adapter:
-    """Read an adapter folder, checking its files; with `model`, also check that it fits it.
+def read_adapter(folder: str | Path) -> Adapter:
+    """Read an adapter folder, checking its files (not whether it fits a model: whoever attaches
+    it checks that once, with qvera.adapters.fit.check_fits).
 
     The files are read as one version of the folder (`qvera.adapters.atomic.read_files`), so a
     write replacing the folder meanwhile never makes a whole adapter look corrupted. Raises
@@ -197,10 +197,7 @@ def read_adapter(folder: str | Path, model: nn.Module | None = None) -> Adapter:
     except (FileNotFoundError, NotADirectoryError) as err:
         raise FileNotFoundError(f"adapter folder {folder} does not exist") from err
     config = _read_config(folder, files)
-    adapter = Adapter(config, _read_vectors(folder, config, files[VECTORS_FILE]), folder)
-    if model is not None:
-        check_fits(adapter, model)
-    return adapter
+    return Adapter(config, _read_vectors(folder, config, files[VECTORS_FILE]), folder)
 
 
 def _read_config(folder: Path, files: dict[str, bytes | None]) -> AdapterConfig:

@@ -1,4 +1,8 @@
-"""A base plus an adapter in one call, for every caller (CLI, evaluation, chat, serving)."""
+"""A base plus an adapter in one call, for every caller (CLI, evaluation, chat, serving).
+
+An adapter folder is read once (`read_any`: no model needed) and checked once against the base
+(`check_fits`) by whoever attaches it; `load_adapted` checks against the base's meta-device twin
+before any weight loads, and the A and B that check generated are the ones attached."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qvera.adapters.config import Adapter
-from qvera.adapters.fit import check_fits
+from qvera.adapters.fit import Fit, check_fits
 from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, read_adapter
 from qvera.adapters.peft_interop import import_peft, peft_type
 from qvera.core.attach import attach_vera, has_vera, load_vector_state
@@ -20,14 +24,17 @@ from qvera.core.config import ModelConfig
 from qvera.core.methods import method_named
 
 
-def attach_adapter(model: nn.Module, adapter: str | Path | Adapter) -> nn.Module:
+def attach_adapter(model: nn.Module, adapter: str | Path | Adapter, fit: Fit | None = None) -> nn.Module:
     """Attach VeRA as the adapter was trained and load its vectors, in one call; on a model
-    with VeRA already attached, check the fit and load the vectors."""
+    with VeRA already attached, load the vectors. The fit is checked here unless `fit` says it
+    was (check_fits against this model or its base's meta-device twin), and then its A and B
+    are the ones attached."""
     if not isinstance(adapter, Adapter):
         adapter = read_adapter(adapter)
-    check_fits(adapter, model)
+    if fit is None:
+        fit = check_fits(adapter, model)
     if not has_vera(model):
-        attach_vera(model, adapter.config.vera_config)
+        attach_vera(model, adapter.config.vera_config, projections=fit.projections)
     elif adapter.config.method != model.vera_config.method:
         raise ValueError(
             f"{adapter.folder or 'the adapter'} is a {method_named(adapter.config.method).title} adapter and this "
@@ -61,7 +68,10 @@ def read_adapters_for(base: ModelConfig | str, folders) -> list[Adapter]:
     for folder in folders:
         _require_folder(folder)
     model = meta_base(base.name, base.revision) if folders else None
-    return [read_any(folder, model) for folder in folders]
+    adapters = [read_any(folder) for folder in folders]
+    for adapter in adapters:
+        check_fits(adapter, model)
+    return adapters
 
 
 def _require_folder(folder: Path) -> None:
@@ -74,11 +84,11 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / CONFIG_FILE).is_file() or (folder / PEFT_CONFIG_FILE).is_file()
 
 
-def read_any(folder: str | Path, model: nn.Module | None = None) -> Adapter:
+def read_any(folder: str | Path) -> Adapter:
     """A qvera or a peft VeRA adapter folder, told apart by their config files."""
     if (Path(folder) / PEFT_CONFIG_FILE).is_file():
-        return import_peft(folder, model)
-    return read_adapter(folder, model)
+        return import_peft(folder)
+    return read_adapter(folder)
 
 
 def load_adapted(base: ModelConfig | str | None, adapter: str | Path | None = None, *, is_trainable: bool = False):
@@ -104,16 +114,17 @@ def load_adapted(base: ModelConfig | str | None, adapter: str | Path | None = No
     foreign = folder is not None and (folder / PEFT_CONFIG_FILE).is_file() and peft_type(folder) != "VERA"
     if not isinstance(base, ModelConfig):
         base = ModelConfig(name=base or "")
-    if not base.name and folder is not None and not foreign:
-        base = dataclasses.replace(base, name=read_any(folder).config.base_model.name or "")
+    adapter = read_any(folder) if folder is not None and not foreign else None
+    if not base.name and adapter is not None:
+        base = dataclasses.replace(base, name=adapter.config.base_model.name or "")
     if not base.name:
         raise ValueError(f"{folder} does not name its base model; pass the base's name or folder")
-    if folder is not None and not foreign:
-        (adapter,) = read_adapters_for(base, [folder])  # checked before the weights load
+    if adapter is not None:  # checked before the weights load
+        fit = check_fits(adapter, meta_base(base.name, base.revision))
     model, tokenizer = load_base(base)
     if folder is None:
         return model, tokenizer
     if foreign:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable), tokenizer
-    attach_adapter(model, adapter)
+    attach_adapter(model, adapter, fit)
     return model, tokenizer

@@ -5,10 +5,10 @@ A VeRA update is a LoRA update of the same rank:
 
     ΔW = Λb B Λd A = B'A',   A' = Λd A[:, :in] (r x in),   B' = Λb B[:out] (out x r)
 
-and `lora_alpha = r` makes peft's scale α/r exactly 1. A DVoRA adapter exports as peft's
-DoRA (`use_dora`): peft's magnitude is qvera's m and its norm the same detached
-||W0 + ΔW|| per output row, so the logits match too; LoRA-only engines refuse DoRA, and a
-merged model (`qvera merge`) is the way to them.
+and `lora_alpha = r` makes peft's scale α/r exactly 1. The adapter's method adds its own
+peft options and tensors (`Method.lora_options`, `lora_tensors`): DVoRA exports as peft's DoRA
+(qvera.core.dvora), which LoRA-only engines refuse, and a merged model (`qvera merge`) is the
+way to them; a method with no LoRA form is refused in one line.
 
 What it costs: a LoRA holds r·(in + out) numbers a layer where VeRA holds r + out, so a
 rank-512 export is hundreds of times larger. For engines with a rank cap (vLLM 512),
@@ -71,7 +71,7 @@ class LoraExport:
 
 def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
     """Per adapted layer, (A', B') in fp32 and the other tensors its method's LoRA form holds
-    (DVoRA: peft DoRA's `lora_magnitude_vector`), by peft's suffix."""
+    (`Method.lora_tensors`), by peft's suffix."""
     A, B = regenerated_projections(adapter.config)
     method = method_named(adapter.config.method)
     factors = {}

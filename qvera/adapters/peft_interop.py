@@ -9,6 +9,7 @@ peft does, so equal vectors give equal logits and only the names change.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -19,11 +20,11 @@ from peft import VeraConfig as PeftVeraConfig
 from torch import nn
 
 from qvera.adapters.atomic import atomic_folder
-from qvera.adapters.config import Adapter, AdapterConfig, BaseModel, Projections
+from qvera.adapters.config import PEFT_FORMAT, Adapter, AdapterConfig, BaseModel, Projections
 from qvera.adapters.fit import (
     check_fits,
     describe_base,
-    model_fingerprint,
+    model_projections,
     model_targets,
     projection_shapes,
     projections_fingerprint,
@@ -106,14 +107,11 @@ def peft_base_name(name: str | None) -> str | None:
     return name
 
 
-def import_peft(folder: str | Path, model: nn.Module | None = None) -> Adapter:
-    """Read a peft VeRA adapter folder (with or without saved projections) as an Adapter.
-
-    With `model` (bare, VeRA-attached, or built on the meta device), the adapter is checked
-    against it and its description completed (input sizes, fingerprint), so it can be
-    attached with `qvera.adapters.attach_adapter` or written with `write_adapter`. peft
-    records no checkable base identity, so the caller's model stands for the base.
-    """
+def import_peft(folder: str | Path) -> Adapter:
+    """Read a peft VeRA adapter folder (with or without saved projections) as an Adapter, ready
+    for `qvera.adapters.attach_adapter`. The folder does not record the layers' input sizes
+    (nor, without saved projections, a fingerprint): `complete_from_model` adds them from a
+    model, for `write_adapter`."""
     folder = Path(folder)
     peft_config = _read_peft_config(folder)
     rank, seed = peft_config["r"], peft_config.get("projection_prng_key", 0)
@@ -133,7 +131,7 @@ def import_peft(folder: str | Path, model: nn.Module | None = None) -> Adapter:
         if key.endswith(".lambda_b")
     }
     config = AdapterConfig(
-        format="peft-vera",  # write_adapter stamps qvera's own format when saving it
+        format=PEFT_FORMAT,  # write_adapter stamps qvera's own format when saving it
         format_version=peft_config.get("peft_version"),
         rank=rank,
         seed=seed,
@@ -145,20 +143,27 @@ def import_peft(folder: str | Path, model: nn.Module | None = None) -> Adapter:
         ),
         projections=Projections(dtype="float32", fingerprint=fingerprint),
     )
-    if model is not None:
-        config.base_model = BaseModel(**describe_base(model))
-        here = model_targets(model, targets)
-        for name, shape in targets.items():
-            if name in here:
-                shape[1] = here[name][1]
-        adapter = Adapter(config, vectors, folder)
-        check_fits(adapter, model)
-        a_shape, b_shape = projection_shapes(rank, targets)
-        config.projections = Projections(
-            dtype="float32", A=a_shape, B=b_shape, fingerprint=model_fingerprint(model, rank, seed, targets)
-        )
-        return adapter
     return Adapter(config, vectors, folder)
+
+
+def complete_from_model(adapter: Adapter, model: nn.Module) -> Adapter:
+    """A peft adapter checked against `model` (bare, VeRA-attached, or built on the meta device)
+    and its description completed from it: input sizes, base, projections' shapes and
+    fingerprint, so that `write_adapter` saves it as a qvera folder. peft records no checkable
+    base identity, so the model stands for the base."""
+    fit = check_fits(adapter, model)
+    config = adapter.config
+    here = model_targets(model, config.targets)
+    targets = {name: [out_features, here[name][1]] for name, (out_features, _) in config.targets.items()}
+    A, B = fit.projections or model_projections(model, config.rank, config.seed, targets)
+    a_shape, b_shape = projection_shapes(config.rank, targets)
+    completed = dataclasses.replace(
+        config,
+        targets=targets,
+        base_model=BaseModel(**describe_base(model)),
+        projections=Projections(dtype="float32", A=a_shape, B=b_shape, fingerprint=projections_fingerprint(A, B)),
+    )
+    return Adapter(completed, adapter.vectors, adapter.folder)
 
 
 def _peft_config(folder: Path) -> dict:

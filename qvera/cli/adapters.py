@@ -19,7 +19,7 @@ from qvera.adapters.format import DTYPES, Adapter, describe, read_adapter, write
 from qvera.adapters.loading import attach_adapter, load_adapted, meta_base, read_adapters_for, read_any
 from qvera.adapters.lora_export import LORA_DTYPES, export_lora
 from qvera.adapters.merge import merge_to_folder
-from qvera.adapters.peft_interop import export_peft, import_peft
+from qvera.adapters.peft_interop import complete_from_model, export_peft, import_peft
 from qvera.cli.command import Command, positional, required
 from qvera.core.base import load_base
 from qvera.core.config import ModelConfig, option
@@ -128,7 +128,7 @@ def heldout_change(adapter: Adapter, lora_folder: str, data: str) -> str:
 
 
 def convert(folder: Folder, written: Written, options: ConvertOptions) -> None:
-    adapter = import_peft(folder.adapter, meta_base(options.base))
+    adapter = complete_from_model(import_peft(folder.adapter), meta_base(options.base))
     write_adapter(adapter, written.out, dtype=DTYPES[options.dtype])
     print(f"wrote qvera adapter {written.out}")
 

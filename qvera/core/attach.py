@@ -33,8 +33,10 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> dict[str,
     return targets
 
 
-def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> nn.Module:
-    """Wrap the target layers in place and freeze everything but the vectors."""
+def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False, projections=None) -> nn.Module:
+    """Wrap the target layers in place and freeze everything but the vectors. `projections`: the
+    A and B a fit check generated for this config (qvera.adapters.fit.Fit), so that they are
+    generated once."""
     if config.rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {config.rank}")
     if has_vera(model):
@@ -43,7 +45,7 @@ def attach_vera(model: nn.Module, config: VeraConfig, verbose: bool = False) -> 
     targets = find_targets(model, config.target_modules)
     in_max = max(m.in_features for m in targets.values())
     out_max = max(m.out_features for m in targets.values())
-    projections = SharedProjections(config.rank, in_max, out_max, config.projection_seed)
+    projections = SharedProjections(config.rank, in_max, out_max, config.projection_seed, projections)
     device = next(iter(targets.values())).weight.device
     projections.to(device)
     for param in model.parameters():

@@ -72,12 +72,14 @@ def autocast_off(x: torch.Tensor):
 
 
 class SharedProjections(nn.Module):
-    """The frozen A and B, held once per model, plus the per-input cache of `A x`."""
+    """The frozen A and B, held once per model, plus the per-input cache of `A x`. `matrices`:
+    A and B already generated for this rank, seed and size (by a fit check), else generated here."""
 
-    def __init__(self, rank: int, in_features: int, out_features: int, seed: int):
+    def __init__(self, rank: int, in_features: int, out_features: int, seed: int, matrices=None):
         super().__init__()
         self.rank, self.seed = rank, seed
-        A, B = generate_projections(rank, in_features, out_features, seed)
+        A, B = matrices or generate_projections(rank, in_features, out_features, seed)
+        assert A.shape == (rank, in_features) and B.shape == (out_features, rank), "matrices of another size"
         # Not persistent: they are regenerated from the seed, never saved.
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("B", B, persistent=False)
@@ -246,7 +248,7 @@ class FoldedVeraLinear(torch.autograd.Function):
 
 class VeraLinear(nn.Module):
     """A frozen linear layer (nn.Linear, bitsandbytes 4-bit or 8-bit) plus VeRA's two vectors,
-    and whatever its `method` (qvera.core.method) adds: DVoRA's magnitude m, say.
+    and whatever its `method` (qvera.core.method) adds (DVoRA's m, say).
 
     `row_vectors`, when set by the serving code, holds per-row (d, b) for a mixed batch, and
     where a row's method scales the output, per-row output scales (precomputed per adapter):

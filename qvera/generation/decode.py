@@ -233,7 +233,7 @@ def reply_batch(
         raise ValueError(
             f"got {len(adapter_folders)} adapters for {len(prompts)} prompts; give one per prompt (or `none`)"
         )
-    adapters = {folder: read_any(folder, model) for folder in adapter_folders if folder is not None}
+    adapters = {folder: read_any(folder) for folder in adapter_folders if folder is not None}
     if adapters and not vera_layers(model):
         attach_adapter(model, next(iter(adapters.values())))  # A and B as the adapters were trained
     conversations = [
@@ -269,7 +269,7 @@ class Chat:
             if vera_layers(self.model):
                 AdapterBank(self.model).activate(None)
         else:
-            attach_adapter(self.model, read_any(folder, self.model))
+            attach_adapter(self.model, read_any(folder))
         self.adapter = folder
 
     def command(self, line: str) -> str:

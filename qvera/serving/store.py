@@ -21,6 +21,7 @@ import re
 import sys
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -29,7 +30,6 @@ from qvera.adapters.fit import check_fits
 from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, Adapter
 from qvera.adapters.loading import is_adapter_folder, read_any
 from qvera.core.attach import attach_vera, has_vera
-from qvera.core.config import VeraConfig
 from qvera.generation.bank import AdapterBank
 from qvera.serving.openai_schema import RequestError
 
@@ -64,7 +64,7 @@ class AdapterStore:
         self.current: dict[str, tuple[str, tuple]] = {}  # name -> (its newest version's key, stamp)
         self.versions = 0
         if not has_vera(model):
-            attach_vera(model, self._shared_vera_config(names))
+            self._attach_shared(names)
         # Vectors kept in the compute dtype (bf16 for an NF4 base): half the memory, same results.
         self.bank = AdapterBank(model, max_resident=max_resident, dtype=model.dtype)
         skipped = [f"{name} ({reason})" for name, reason in self._skipped_at_start()]
@@ -183,33 +183,52 @@ class AdapterStore:
         return self.verdicts[name][1]
 
     def _read(self, name: str) -> Adapter:
+        """The adapter in the folder `name`, read and checked against the model once."""
+        with self._request_errors(name):
+            adapter = read_any(self.folder / name)
+            check_fits(adapter, self.model, source=name)
+        return adapter
+
+    @contextmanager
+    def _request_errors(self, name: str):
+        """ValueError and OSError become a RequestError whose message names the adapter, never
+        where the server keeps it (nor other local paths)."""
         path = self.folder / name
         try:
-            adapter = read_any(path, self.model)
-            check_fits(adapter, self.model, source=name)
-            return adapter
+            yield
         except (ValueError, OSError) as err:
-            # Messages name the adapter, never where the server keeps it (nor other local paths).
             message = str(err).replace(str(path.resolve()), name).replace(str(path), name)
             message = ABSOLUTE_PATH.sub(lambda match: Path(match.group()).name, message)
             raise RequestError(400, message, "model", "adapter_mismatch") from err
 
-    def _shared_vera_config(self, names: list[str]) -> VeraConfig:
-        """Every served adapter shares A and B, so one rank, seed and set of targets serves:
-        the one most adapters that fit this base were trained with (ties: the first name).
-        The layers are plain VeRA: the bank runs each adapter as rows of its own method."""
-        fitting, errors = {}, []
+    def _attach_shared(self, names: list[str]) -> None:
+        """Attach VeRA to the bare model as most adapters were trained (ties: the first name):
+        every served adapter shares A and B, so one rank, seed and set of targets serves. The
+        layers are plain VeRA: the bank runs each adapter as rows of its own method. The first
+        adapter of that shape that fits this base is checked here, once, and its check's A and
+        B are the ones attached."""
+        groups, errors = {}, []
         for name in names:
+            stamp = self._stamp(name)
             try:
-                adapter = self._read(name)
+                with self._request_errors(name):
+                    adapter = read_any(self.folder / name)
             except RequestError as err:
                 errors.append(err.message)
                 continue
             config = adapter.config.vera_config
-            fitting.setdefault(
-                (config.rank, config.projection_seed, config.d_initial, tuple(config.target_modules)), []
-            ).append(adapter)
-        if not fitting:
-            raise ValueError(f"no adapter in {self.folder} fits this base; the first says: {errors[0]}")
-        group = max(fitting.values(), key=len)
-        return dataclasses.replace(group[0].config.vera_config, method="vera")
+            key = (config.rank, config.projection_seed, config.d_initial, tuple(config.target_modules))
+            groups.setdefault(key, []).append((name, stamp, adapter))
+        for group in sorted(groups.values(), key=len, reverse=True):  # stable: ties keep the first name
+            for name, stamp, adapter in group:
+                try:
+                    with self._request_errors(name):
+                        fit = check_fits(adapter, self.model, source=name)
+                except RequestError as err:
+                    errors.append(err.message)
+                    continue
+                vera = dataclasses.replace(adapter.config.vera_config, method="vera")
+                attach_vera(self.model, vera, projections=fit.projections)
+                self.verdicts[name] = (stamp, None)
+                return
+        raise ValueError(f"no adapter in {self.folder} fits this base; the first says: {errors[0]}")

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from experiments.profiling import llama2_7b_adapter_size
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters.atomic import FolderWriteError
-from qvera.adapters.fit import projections_fingerprint
+from qvera.adapters.fit import check_fits, projections_fingerprint
 from qvera.adapters.format import (
     CONFIG_FILE,
     VECTORS_FILE,
@@ -167,7 +167,7 @@ def test_mismatch_fails_with_one_line_before_computing(fp32_adapter, tmp_path, m
         attach_adapter(model, folder)
     assert "\n" not in str(err.value) and str(err.value).startswith(str(folder))  # names the folder
     with pytest.raises(ValueError, match=match):
-        read_adapter(folder, model)
+        check_fits(read_adapter(folder), model)
     assert hasattr(model, "vera_projections") == attached_before  # nothing was attached
 
 
@@ -456,7 +456,7 @@ def test_many_adapters_share_one_base_and_one_pair_of_projections(tiny_llama_dir
     A = shared_projections(model).A
     bank = AdapterBank(model)
     for name in expected:
-        bank.add(name, read_adapter(tmp_path / name, model).vectors)
+        bank.add(name, read_adapter(tmp_path / name).vectors)
     assert bank.names() == ["a1", "a2", "a3"]
     for name in ["a2", "a1", "a3"]:
         bank.activate(name)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from qvera import ModelConfig, VeraConfig, attach_vera, load_base
 from qvera.adapters.format import adapter_from_model, read_adapter, write_adapter
 from qvera.adapters.loading import attach_adapter
-from qvera.adapters.peft_interop import export_peft, import_peft
+from qvera.adapters.peft_interop import complete_from_model, export_peft, import_peft
 from qvera.core.attach import vera_layers
 from qvera.core.bnb import is_4bit
 
@@ -101,9 +101,9 @@ def peft_adapter(request, tiny_llama_dir, tmp_path_factory):
 def test_import_gives_peft_logits(tiny_llama_dir, peft_adapter):
     folder, expected = peft_adapter
     model, tokenizer = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="fp32"))
-    adapter = import_peft(folder, model)
+    adapter = import_peft(folder)
     assert (adapter.config.rank, adapter.config.seed) == (RANK, 3)
-    assert adapter.config.targets["model.layers.1.mlp.down_proj"] == [64, 160]
+    assert adapter.config.targets["model.layers.1.mlp.down_proj"] == [64, None]  # peft records no input sizes
     attach_adapter(model, adapter)
     assert len(vera_layers(model)) == 6
     assert (logits(model, tokenizer) - expected).abs().max() <= 1e-5
@@ -112,8 +112,10 @@ def test_import_gives_peft_logits(tiny_llama_dir, peft_adapter):
 def test_imported_adapter_saves_as_a_qvera_folder(tiny_llama_dir, peft_adapter, tmp_path):
     folder, expected = peft_adapter
     model, tokenizer = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="fp32"))
-    write_adapter(import_peft(folder, model), tmp_path / "qvera")
-    attach_adapter(model, read_adapter(tmp_path / "qvera", model))
+    completed = complete_from_model(import_peft(folder), model)
+    assert completed.config.targets["model.layers.1.mlp.down_proj"] == [64, 160]
+    write_adapter(completed, tmp_path / "qvera")
+    attach_adapter(model, read_adapter(tmp_path / "qvera"))
     assert (logits(model, tokenizer) - expected).abs().max() <= 1e-5
     # and back to peft: the same vectors under peft's names
     back = export_peft(read_adapter(tmp_path / "qvera"), tmp_path / "peft-again")
@@ -146,7 +148,9 @@ def test_import_checks_the_model(tiny_llama_dir, peft_adapter, tmp_path):
     model, _ = load_base(ModelConfig(name=str(tiny_llama_dir), quantization="fp32"))
     attach_vera(model, VeraConfig(rank=RANK, projection_seed=3))
     with pytest.raises(ValueError, match="targets other layers than this model's VeRA"):
-        import_peft(folder, model)
+        complete_from_model(import_peft(folder), model)
+    with pytest.raises(ValueError, match="targets other layers than this model's VeRA"):
+        attach_adapter(model, import_peft(folder))
     lora = tmp_path / "lora"
     shutil.copytree(folder, lora)
     config = json.loads((lora / "adapter_config.json").read_text())
