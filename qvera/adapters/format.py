@@ -384,6 +384,7 @@ def describe(adapter: Adapter, folder: str | Path | None = None) -> str:
     base = config.base_model
     lines = [
         f"format:       {config.format} v{config.format_version}" + (f" ({folder})" if folder else ""),
+        f"method:       {method_named(config.method).title}",
         f"rank:         {config.rank} (projection seed {config.seed}, d_initial {config.d_initial})",
         f"targets:      {len(config.targets)} layers: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())),
         f"parameters:   {parameters:,} ({4 * parameters:,} bytes fp32, {2 * parameters:,} bytes bf16)",

@@ -40,6 +40,7 @@ from qvera.core.attach import (
 )
 from qvera.core.attention_kernels import without_cudnn_attention
 from qvera.core.hardware import compute_dtype
+from qvera.core.methods import METHODS
 from qvera.training.recipe import SFTRecipe
 
 CHECKPOINT_VECTORS = "vectors.safetensors"
@@ -102,7 +103,7 @@ class VeraSFTTrainer(SFTTrainer):
         if state_dict is None:
             vectors = vector_state(self.accelerator.unwrap_model(self.model))
         else:  # FSDP / DeepSpeed gathered a full state dict for us
-            suffixes = (".lambda_d", ".lambda_b", ".lambda_m")
+            suffixes = tuple({f".{name}" for method in METHODS.values() for name in method.vector_names()})
             vectors = {k: v.float().cpu() for k, v in state_dict.items() if k.endswith(suffixes)}
         safetensors.torch.save_file(
             {k: v.contiguous() for k, v in vectors.items()}, os.path.join(output_dir, CHECKPOINT_VECTORS)
