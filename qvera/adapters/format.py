@@ -63,6 +63,10 @@ ADAPTER_FILES = {CONFIG_FILE, VECTORS_FILE, CARD_FILE}
 PEFT_CONFIG_FILE = "adapter_config.json"
 CHECKSUM_FIELD = "checksum"
 LEGACY_METHOD_KEY = "magnitude"  # version 2 marked DVoRA with it
+# What a file must hold (an AdapterConfig made in memory may lack format_version and vectors).
+REQUIRED = {
+    "format_version", "rank", "seed", "d_initial", "target_modules", "targets", "base_model", "projections", "vectors"
+}  # fmt: skip
 
 
 def format_version(method: str) -> int:
@@ -227,18 +231,17 @@ def _read_config(folder: Path, files: dict[str, bytes | None]) -> AdapterConfig:
     values = dict(raw)
     if LEGACY_METHOD_KEY in values and version in (1, 2):
         values["method"] = "dvora" if values.pop(LEGACY_METHOD_KEY) is True else "vera"
-    required = {"format_version", "rank", "seed", "d_initial", "target_modules", "targets"}
-    missing = sorted((required | {"base_model", "projections", "vectors"}) - set(values))
+    missing = sorted(REQUIRED - set(values))
     if missing:
         raise ValueError(f"{path} lacks {missing}; the file is damaged, export the adapter again")
+    if isinstance(values.get("method"), str) and values["method"] not in METHODS:
+        raise ValueError(
+            f"{path} is a {values['method']!r} adapter, a method this qvera does not know "
+            f"({', '.join(sorted(METHODS))}); upgrade qvera or install what registers it"
+        )
     try:
         config = from_dict(AdapterConfig, values, source=str(path), as_json=True)
     except ValueError as err:
-        if values.get("method") not in METHODS and "method" in str(err):
-            raise ValueError(
-                f"{path} is an adapter of method {values['method']!r}, which this qvera does not know "
-                f"(it knows {', '.join(sorted(METHODS))}); upgrade qvera"
-            ) from None
         raise ValueError(f"{err}; export the adapter again") from None
     if CHECKSUM_FIELD in raw and raw[CHECKSUM_FIELD] != config_checksum(raw):
         found = _edits(config, files[VECTORS_FILE]) or [

@@ -109,6 +109,13 @@ def test_saved_and_reloaded_it_runs_the_same(small_base, tmp_path):
         export_lora(adapter, tmp_path / "lora")
 
 
+def test_a_qvera_without_the_method_refuses_its_files_in_one_line(small_base, tmp_path, monkeypatch):
+    folder = save_adapter(toy_model(small_base, seed=1), tmp_path / "toy")
+    monkeypatch.delitem(METHODS, "d-only")
+    with pytest.raises(ValueError, match=r"is a 'd-only' adapter, a method this qvera does not know \(dvora, vera\)"):
+        read_adapter(folder)
+
+
 def test_merged_it_computes_the_unmerged_function(small_base):
     model = toy_model(small_base, seed=2)
     before, vectors = logits_of(model), vector_state(model)
