@@ -5,10 +5,10 @@ which vectors it trains and saves, and whether it rescales the layer's output ro
 The rest of qvera asks the layer's method (or an adapter's) and never names one:
 
 - `init_layer`    creates the method's extra vectors on a new layer (and refuses a base it cannot run on);
-- `vectors`       the layer's trained vectors by suffix, the ones an adapter file holds;
+- `vector_names`, `shapes`, `vectors`: the vectors it trains and an adapter file holds, by suffix;
 - `scale`         the output scale per row (None: none), from the vectors and ||W0 + ΔW||;
                   merging folds it into the weight, so it is also the merge rule;
-- `factors`       (d, b) of the update from an adapter's vectors (a merge, a LoRA export);
+- `factors`       (d, b) of the update from an adapter's vectors (its LoRA export);
 - `rows`          (d, b, scale) from an adapter's vectors: one adapter's rows in a mixed batch;
 - `base_vectors`  the vectors that make the layer compute its base weight alone (the bare
                   base between adapters, and what a merged layer keeps);

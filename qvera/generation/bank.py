@@ -88,7 +88,8 @@ class AdapterBank:
             self.activate(None)
 
     def activate(self, name: str | None) -> None:
-        """Make `name` the adapter the model runs with; None runs the bare base (b = 0)."""
+        """Make `name` the adapter the model runs with; None runs the bare base (each layer's
+        `Method.base_vectors`: b = 0)."""
         if name is None:
             with torch.no_grad():
                 for layer in self.layers.values():
