@@ -41,8 +41,25 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from qvera.core.config import option
 from qvera.generation.decode import Sampling
 from qvera.serving.openai_schema import Parsed, Reply, RequestError, parse, usage
-from qvera.serving.scheduler import Job, Scheduler
-from qvera.serving.store import AdapterStore
+from qvera.serving.scheduler import GenerationFailed, Job, ReplyTimedOut, Scheduler, WorkerStopped
+from qvera.serving.store import AdapterNotFound, AdapterStore, AdapterUnservable
+
+# The store's and the scheduler's plain errors as HTTP answers: status, OpenAI's `param`, `code`.
+HTTP_ERRORS = {
+    AdapterNotFound: (404, "model", "model_not_found"),
+    AdapterUnservable: (400, "model", "adapter_mismatch"),
+    GenerationFailed: (500, None, None),
+    WorkerStopped: (503, None, None),
+    ReplyTimedOut: (504, None, None),
+}
+
+
+def as_request_error(err: Exception) -> RequestError:
+    """The OpenAI-style error a client gets for one of `HTTP_ERRORS` (a RequestError as it is)."""
+    if isinstance(err, RequestError):
+        return err
+    status, param, code = HTTP_ERRORS[type(err)]
+    return RequestError(status, str(err), param, code)
 
 
 @dataclass
@@ -157,9 +174,12 @@ class Server:
     # --- routes ----------------------------------------------------------------------------
 
     def _routes(self, app: FastAPI) -> FastAPI:
-        @app.exception_handler(RequestError)
-        async def request_error(request, err: RequestError):
-            return JSONResponse(err.body(), status_code=err.status)
+        async def request_error(request, err: Exception):
+            answer = as_request_error(err)
+            return JSONResponse(answer.body(), status_code=answer.status)
+
+        for kind in (RequestError, *HTTP_ERRORS):
+            app.add_exception_handler(kind, request_error)
 
         @app.exception_handler(HTTPException)
         async def http_error(request, err: HTTPException):
@@ -198,8 +218,8 @@ class Server:
             if name != self.base_name:
                 try:
                     await run_in_threadpool(self.store.check, name)
-                except RequestError as err:  # not listed, so not found, whatever the reason
-                    raise RequestError(404, err.message, "model", "model_not_found") from err
+                except AdapterUnservable as err:  # not listed, so not found, whatever the reason
+                    raise AdapterNotFound(str(err)) from err
             return model_card(name)
 
         @app.post("/v1/chat/completions")
@@ -345,7 +365,7 @@ class Server:
                     produced[index], timing[index], open_jobs = event[2], event[3], open_jobs - 1
                     yield _sse(reply.chunk(index, None, [] if parsed.logprobs is not None else None, reason=event[1]))
                 else:
-                    yield _sse(event[1].body())
+                    yield _sse(as_request_error(event[1]).body())
                     break
             else:
                 if parsed.include_usage:

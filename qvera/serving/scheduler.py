@@ -40,15 +40,27 @@ from qvera.generation.decode import Sampling, end_token_ids
 from qvera.generation.invariance import QUERY_TILE, generation_numerics
 from qvera.generation.sampling import ReplyText, pick_rows, token_logprobs
 from qvera.serving.kv_rows import CacheRows
-from qvera.serving.openai_schema import RequestError
-from qvera.serving.store import AdapterStore, AllSlotsHeld
+from qvera.serving.store import AdapterStore, AdapterUnservable, AllSlotsHeld
+
+
+class GenerationFailed(RuntimeError):
+    """Generating one request's reply failed (its traceback is logged); the other rows go on."""
+
+
+class ReplyTimedOut(TimeoutError):
+    """A reply took longer than the server's limit, queueing included."""
+
+
+class WorkerStopped(RuntimeError):
+    """The generation worker has stopped on a fault no row explains; nothing is answered until a restart."""
 
 
 @dataclass
 class Job:
     """One generation: a prompt, its adapter (None: the base) and how to pick its tokens.
     The scheduler reports into `emit`: ("text", piece, logprob entries), then ("done",
-    finish_reason, completion tokens, timing) or ("error", RequestError)."""
+    finish_reason, completion tokens, timing) or ("error", exception): GenerationFailed,
+    ReplyTimedOut, WorkerStopped, or AdapterUnservable for an adapter gone bad since its check."""
 
     prompt: list[int]
     adapter: str | None
@@ -175,7 +187,7 @@ class Scheduler:
         except BaseException as err:
             self.fault = f"{type(err).__name__}: {err}"
             print(traceback.format_exc(), file=sys.stderr, flush=True)
-            error = RequestError(503, f"the generation worker has stopped ({self.fault}); restart the server")
+            error = WorkerStopped(f"the generation worker has stopped ({self.fault}); restart the server")
             jobs = [row.job for row in self.prefill_rows + self.running_rows] + list(self.waiting)
             while not self.inbox.empty():
                 jobs.append(self.inbox.get_nowait())
@@ -218,7 +230,7 @@ class Scheduler:
                 key = self.store.acquire(job.adapter)
             except AllSlotsHeld:
                 break  # every resident adapter is in use: wait for a row to finish
-            except RequestError as err:  # deleted or damaged since the request was checked
+            except AdapterUnservable as err:  # deleted or damaged since the request was checked
                 self.waiting.popleft()
                 job.emit(("error", err))
                 continue
@@ -239,9 +251,8 @@ class Scheduler:
     def _fail(self, job: Job, err: Exception) -> None:
         """Answer one request with a server error for `err`, logged with its traceback."""
         print("".join(traceback.format_exception(err)), file=sys.stderr, flush=True)
-        job.emit(
-            ("error", RequestError(500, f"generating this reply failed ({type(err).__name__}); see the server log"))
-        )
+        failed = GenerationFailed(f"generating this reply failed ({type(err).__name__}); see the server log")
+        job.emit(("error", failed))
         self.stats.failed += 1
 
     def _drop_gone(self) -> None:
@@ -259,9 +270,7 @@ class Scheduler:
             self.stats.cancelled += 1
             return True
         if job.timeout is not None and now - job.arrived > job.timeout:
-            job.emit(
-                ("error", RequestError(504, f"the reply took longer than the server's limit of {job.timeout:g} s"))
-            )
+            job.emit(("error", ReplyTimedOut(f"the reply took longer than the server's limit of {job.timeout:g} s")))
             return True
         return False
 

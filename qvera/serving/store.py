@@ -31,9 +31,17 @@ from qvera.adapters.format import CONFIG_FILE, PEFT_CONFIG_FILE, Adapter
 from qvera.adapters.loading import is_adapter_folder, read_any
 from qvera.core.attach import attach_vera, has_vera
 from qvera.generation.bank import AdapterBank
-from qvera.serving.openai_schema import RequestError
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^/\s,;:()'\"]+)+")
+
+
+class AdapterNotFound(LookupError):
+    """No adapter folder of that name is served here."""
+
+
+class AdapterUnservable(ValueError):
+    """An adapter folder that cannot be read, or whose adapter does not fit this base; the
+    message names the adapter, never where the server keeps it."""
 
 
 def adapter_folders(folder: str | Path, *, at_least_one: bool = True) -> list[str]:
@@ -81,26 +89,21 @@ class AdapterStore:
             return [name for name in names if self._verdict(name, warn=True) is None]
 
     def check(self, name: str) -> None:
-        """Raise the RequestError a request naming this adapter gets, if any."""
+        """Raise AdapterNotFound or AdapterUnservable if a request naming this adapter cannot be served."""
         with self.lock:
             if name.startswith(".") or "/" in name or "\\" in name or not self._is_folder(name):
                 known = [n for n in self._visible() if self._verdict(n) is None]
-                raise RequestError(
-                    404,
-                    f"the model {name!r} does not exist; available adapters: {', '.join(known[:10]) or 'none'}",
-                    "model",
-                    "model_not_found",
+                raise AdapterNotFound(
+                    f"the model {name!r} does not exist; available adapters: {', '.join(known[:10]) or 'none'}"
                 )
             why = self._verdict(name, warn=True)
             if why is not None:
-                raise RequestError(
-                    400, f"adapter {name!r} cannot be served on this base: {why}", "model", "adapter_mismatch"
-                )
+                raise AdapterUnservable(f"adapter {name!r} cannot be served on this base: {why}")
 
     def acquire(self, name: str | None) -> str | None:
         """Make the adapter's newest version resident and hold it there until `release`;
         return its key in the bank (None for the base). Raises AllSlotsHeld when every
-        resident slot is held by running requests, RequestError when it cannot be read."""
+        resident slot is held by running requests, AdapterUnservable when it cannot be read."""
         if name is None:
             return None
         with self.lock:
@@ -176,22 +179,22 @@ class AdapterStore:
             try:
                 self._read(name)
                 self.verdicts[name] = (stamp, None)
-            except RequestError as err:
-                self.verdicts[name] = (stamp, err.message)
+            except AdapterUnservable as err:
+                self.verdicts[name] = (stamp, str(err))
                 if warn:
-                    self.log(f"warning: adapter folder {name} cannot be served on this base: {err.message}")
+                    self.log(f"warning: adapter folder {name} cannot be served on this base: {err}")
         return self.verdicts[name][1]
 
     def _read(self, name: str) -> Adapter:
         """The adapter in the folder `name`, read and checked against the model once."""
-        with self._request_errors(name):
+        with self._as_unservable(name):
             adapter = read_any(self.folder / name)
             check_fits(adapter, self.model, source=name)
         return adapter
 
     @contextmanager
-    def _request_errors(self, name: str):
-        """ValueError and OSError become a RequestError whose message names the adapter, never
+    def _as_unservable(self, name: str):
+        """ValueError and OSError become an AdapterUnservable whose message names the adapter, never
         where the server keeps it (nor other local paths)."""
         path = self.folder / name
         try:
@@ -199,7 +202,7 @@ class AdapterStore:
         except (ValueError, OSError) as err:
             message = str(err).replace(str(path.resolve()), name).replace(str(path), name)
             message = ABSOLUTE_PATH.sub(lambda match: Path(match.group()).name, message)
-            raise RequestError(400, message, "model", "adapter_mismatch") from err
+            raise AdapterUnservable(message) from err
 
     def _attach_shared(self, names: list[str]) -> None:
         """Attach VeRA to the bare model as most adapters were trained (ties: the first name):
@@ -211,10 +214,10 @@ class AdapterStore:
         for name in names:
             stamp = self._stamp(name)
             try:
-                with self._request_errors(name):
+                with self._as_unservable(name):
                     adapter = read_any(self.folder / name)
-            except RequestError as err:
-                errors.append(err.message)
+            except AdapterUnservable as err:
+                errors.append(str(err))
                 continue
             config = adapter.config.vera_config
             key = (config.rank, config.projection_seed, config.d_initial, tuple(config.target_modules))
@@ -222,10 +225,10 @@ class AdapterStore:
         for group in sorted(groups.values(), key=len, reverse=True):  # stable: ties keep the first name
             for name, stamp, adapter in group:
                 try:
-                    with self._request_errors(name):
+                    with self._as_unservable(name):
                         fit = check_fits(adapter, self.model, source=name)
-                except RequestError as err:
-                    errors.append(err.message)
+                except AdapterUnservable as err:
+                    errors.append(str(err))
                     continue
                 vera = dataclasses.replace(adapter.config.vera_config, method="vera")
                 attach_vera(self.model, vera, projections=fit.projections)
