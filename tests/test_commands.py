@@ -13,6 +13,7 @@ import pytest
 from conftest import DATA_DIR, REPO
 
 from qvera import cli
+from qvera.generation.decode import Sampling
 
 SCRIPTS = {"sft.py": "train", "chat.py": "chat", "serve.py": "serve", "eval.py": "eval"}
 
@@ -109,3 +110,27 @@ def test_a_model_that_does_not_load_exits_1_with_one_line(script, tmp_path, monk
     monkeypatch.setattr("qvera.cli.serve.adapter_folders", lambda folder: [])  # any folder will do here
     code, line = refused(script, ["--model", str(empty), *argv.get(script, [])], monkeypatch, capsys, loader=None)
     assert code == 1 and line.startswith(f"{script}: error: ") and str(empty) in line
+
+
+def test_serve_hands_its_flags_and_the_environments_api_key_to_the_server(tmp_path, monkeypatch):
+    """The sampling flags become the defaults of requests; the key comes from $QVERA_API_KEY
+    unless --api-key gives one."""
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def server(model, tokenizer, folder, options):
+        built.append(options)
+        raise Built  # stop before serving
+
+    monkeypatch.setattr("qvera.cli.serve.adapter_folders", lambda folder: ["a"])
+    monkeypatch.setattr("qvera.cli.serve.load_base", lambda config: (None, None))
+    monkeypatch.setattr("qvera.cli.serve.Server", server)
+    monkeypatch.setenv("QVERA_API_KEY", "from-env")
+    argv = ["serve", "--adapters", str(tmp_path), "--port", "0", "--temperature", "0", "--max-new-tokens", "7"]
+    for extra in ([], ["--api-key", "given"]):
+        with pytest.raises(Built):
+            cli.main([*argv, *extra])
+    assert [options.api_key for options in built] == ["from-env", "given"]
+    assert built[0].defaults == Sampling(temperature=0.0, top_p=0.9, max_new_tokens=7)
