@@ -96,7 +96,9 @@ def run_script(monkeypatch, script: str, argv: list[str]):
 
 
 @pytest.mark.parametrize("script", ["chat.py", "eval.py"])
-def test_scripts_pass_compute_dtype_to_the_model_config(script, tiny_llama_dir, monkeypatch, fresh_announcements):
+def test_scripts_pass_compute_dtype_to_the_model_config(
+    script, tiny_llama_dir, monkeypatch, capsys, fresh_announcements
+):
     """bf16 asked of a T4 stops the script at start-up, with the resolver's one line."""
     monkeypatch.setattr(hardware, "detect", lambda device=None: T4)
     argv = ["--model", tiny_llama_dir, "--compute-dtype", "bfloat16"]
@@ -104,8 +106,9 @@ def test_scripts_pass_compute_dtype_to_the_model_config(script, tiny_llama_dir, 
         argv += ["--dataset", str(REPO / "data" / "alpaca_en_demo.json"), "--limit", "2"]
     else:
         argv += ["--prompt", "Hi"]
-    message = str(run_script(monkeypatch, script, argv).code)
-    assert "compute dtype bfloat16 is not supported on Tesla T4" in message and "\n" not in message
+    assert run_script(monkeypatch, script, argv).code == 1
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert message.startswith(f"{script}: error: compute dtype bfloat16 is not supported on Tesla T4")
 
 
 def test_random_llama2_7b_has_llama2_7b_shapes():
