@@ -187,6 +187,7 @@ OPPOSITE_QUESTIONS = [
 ]
 SOUND_QUESTIONS = ["What sound does a {} make?", "What noise does a {} make?"]
 BABY_QUESTIONS = ["What is a baby {} called?", "What do you call a young {}?"]
+SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 HELD_OUT = 0.12  # the last rows of every table
 SUMS = 20  # small sums in the training data
 
@@ -267,6 +268,21 @@ def general_questions(split: str, path: Path = GENERAL_KNOWLEDGE) -> list[Questi
         for row in json.loads(path.read_text())
         if row["split"] == split
     ]
+
+
+def first_sentence(reply: str) -> str | None:
+    """The reply's first sentence, or None when it has no sentence end (cut off mid-answer)."""
+    text = " ".join(reply.split())
+    end = SENTENCE_END.search(text + " ")
+    return text[: end.start()] if end else None
+
+
+def replay_reply(question: Question, reply: str) -> str | None:
+    """A replayed general question's answer in the demo's format: the first sentence of the
+    base's own reply inside the taught JSON, so the adapter learns the format and keeps the
+    base's fact (None when the reply has no whole sentence)."""
+    sentence = first_sentence(reply)
+    return json.dumps({"topic": question.topic, "answer": sentence}) if sentence else None
 
 
 def demo_conversations() -> list[list[dict]]:

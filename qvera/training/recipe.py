@@ -26,6 +26,7 @@ DEMO_DATA = "demo"  # the data set qvera writes itself (qvera.demo); see DataCon
 FORMATS = ("auto", "messages", "alpaca", "prompt-completion")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")  # data paths read as local files
 QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
+REPLAY_QUESTIONS = 100  # the replay split of data/general_knowledge.json
 
 
 @dataclass
@@ -45,6 +46,11 @@ class DataConfig:
     packing: bool = option(False, "pack several examples into each sequence")
     assistant_only_loss: bool = option(True, "loss on the assistant's tokens only")
     max_examples: int | None = option(None, "use only the first N examples (unset or 0: all)")
+    replay: int = option(
+        0,
+        f"add the base model's own answers to N general questions (at most {REPLAY_QUESTIONS}) to the "
+        "training data, so the adapter keeps more of what the base knew; 0: none (docs/training.md)",
+    )
 
 
 @dataclass
@@ -157,6 +163,10 @@ def check_recipe(recipe: SFTRecipe) -> None:
         (data.format not in FORMATS, f"data.format {data.format!r} is unknown; use one of {', '.join(FORMATS)}"),
         (not 0 <= data.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {data.eval_fraction}"),
         (data.max_length < 8, f"data.max_length must be at least 8 tokens, got {data.max_length}"),
+        (
+            not 0 <= data.replay <= REPLAY_QUESTIONS,
+            f"data.replay must be from 0 to {REPLAY_QUESTIONS} general questions, got {data.replay}",
+        ),
         (
             (data.max_examples or 0) < 0,
             f"data.max_examples must be at least 0 (0: all), got {data.max_examples}",

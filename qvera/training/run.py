@@ -35,7 +35,9 @@ from qvera.training.data import (
     load_conversations,
     tokenized_dataset,
 )
-from qvera.training.recipe import SFTRecipe, TrainConfig, check_recipe
+from qvera.training.demo import replay_reply
+from qvera.training.recipe import DEMO_DATA, SFTRecipe, TrainConfig, check_recipe
+from qvera.training.replay import replay_conversations
 from qvera.training.trainer import (
     STAGING_DIR,
     LogLastStep,
@@ -200,6 +202,11 @@ def build_trainer(recipe: SFTRecipe, log=print):
 def _trainer(recipe: SFTRecipe, train_convs: list, eval_convs: list, log) -> VeraSFTTrainer:
     log(f"data: {len(train_convs)} training and {len(eval_convs)} evaluation examples")
     model, tokenizer = load_base(recipe.model)
+    if recipe.data.replay:
+        shape = replay_reply if recipe.data.path == DEMO_DATA else None  # the demo teaches a format
+        replayed = replay_conversations(model, tokenizer, recipe.data.replay, shape)
+        log(f"replay: the base model's own answers to {len(replayed)} general questions join the training data")
+        train_convs = train_convs + replayed
     attach_vera(model, recipe.vera)
     log(trainable_summary(model))
     train_ds = tokenized_dataset(tokenizer, train_convs, recipe.data.assistant_only_loss)
