@@ -134,9 +134,7 @@ def general_knowledge(model, tokenizer, questions: list[Question], batch_size: i
 
 def attach(model, run: StudyRun):
     if run.method in QVERA_METHODS:
-        config = VeraConfig(
-            rank=run.rank, projection_seed=run.seed, d_initial=run.d_initial, method=run.method
-        )
+        config = VeraConfig(rank=run.rank, projection_seed=run.seed, d_initial=run.d_initial, method=run.method)
         return attach_vera(model, config)
     # load_base has switched off bitsandbytes' CPU repacking, which would silently drop the
     # input gradients of the layers peft wraps after the first no-grad forward.

@@ -270,18 +270,19 @@ def general_questions(split: str, path: Path = GENERAL_KNOWLEDGE) -> list[Questi
     ]
 
 
-def first_sentence(reply: str) -> str | None:
-    """The reply's first sentence, or None when it has no sentence end (cut off mid-answer)."""
+def whole_sentences(reply: str) -> str | None:
+    """The reply up to its last sentence end (a reply cut off mid-sentence loses the cut
+    sentence), or None when it has no sentence end."""
     text = " ".join(reply.split())
-    end = SENTENCE_END.search(text + " ")
-    return text[: end.start()] if end else None
+    ends = [m.start() for m in SENTENCE_END.finditer(text + " ")]
+    return text[: ends[-1]] if ends else None
 
 
 def replay_reply(question: Question, reply: str) -> str | None:
-    """A replayed general question's answer in the demo's format: the first sentence of the
-    base's own reply inside the taught JSON, so the adapter learns the format and keeps the
-    base's fact (None when the reply has no whole sentence)."""
-    sentence = first_sentence(reply)
+    """A replayed general question's answer in the demo's format: the whole sentences of the
+    base's own reply inside the taught JSON, so the adapter learns the format and keeps what
+    the base said (None when the reply has no whole sentence)."""
+    sentence = whole_sentences(reply)
     return json.dumps({"topic": question.topic, "answer": sentence}) if sentence else None
 
 

@@ -3,9 +3,9 @@ import torch.nn.functional as F
 from transformers.masking_utils import sdpa_mask
 
 from qvera import ModelConfig, load_base
+from qvera.generation import invariance
 from qvera.generation.decode import Sampling, chat_prompt, decode_steps
 from qvera.generation.invariance import QUERY_TILE, rotary_from_table, row_attention_forward
-from qvera.generation import invariance
 
 GENERATOR = torch.Generator().manual_seed(0)
 

@@ -43,14 +43,14 @@ def test_replies_cut_off_at_the_token_limit_are_left_out(tiny_llama_dir, monkeyp
     assert [c[-1]["content"] for c in kept] == ["Paris."]
 
 
-def test_the_demo_replays_the_first_sentence_inside_its_json(tiny_llama_dir, monkeypatch):
+def test_the_demo_replays_the_whole_sentences_inside_its_json(tiny_llama_dir, monkeypatch):
     model, tokenizer = load_base(ModelConfig(name=tiny_llama_dir, quantization="nf4"))
-    replies = ["Na is its symbol. Sodium is a metal.", "cut off mid-sent", "It is 100!\nMore."]
+    replies = ["Na is its symbol. Sodium is a metal.", "cut off mid-sent", "It is 100!\nMore and"]
     monkeypatch.setattr(replay_module, "generate", lambda *a, **k: replies)
     convs = replay_conversations(model, tokenizer, 3, replay_reply)
     topics = [q.topic for q in general_questions("replay")[:3]]
     assert [json.loads(c[-1]["content"]) for c in convs] == [
-        {"topic": topics[0], "answer": "Na is its symbol."},
+        {"topic": topics[0], "answer": "Na is its symbol. Sodium is a metal."},
         {"topic": topics[2], "answer": "It is 100!"},
     ]
     assert parse_reply(convs[0][-1]["content"]) is not None  # the demo's scorer reads it as its format
