@@ -5,7 +5,7 @@ hands the output layer a slice of the hidden states: (rows, 1, hidden) with the 
 whole sequence. torch's matmul cannot fold such a tensor into one matrix product, so it runs a
 batched product over a copy of the output weight made for every row (on a CPU; SmolLM2's weight
 is 57 MB, so 32 prompts prefilled together copied 1.8 GB). Copying the slice instead, rows x
-hidden numbers, keeps it one product: the 32-prompt prefill took 0.6 s instead of 2.6-3.0 s.
+hidden numbers, keeps it one product (the prefill time it saved is in docs/benchmark-log.md).
 """
 
 from __future__ import annotations
