@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback
 from trl import SFTConfig
 
 from qvera.adapters.format import save_adapter
@@ -33,7 +34,7 @@ from qvera.adapters.loading import load_adapted
 from qvera.core.attach import attach_vera
 from qvera.core.base import load_base
 from qvera.core.config import ModelConfig, VeraConfig
-from qvera.generation.decode import Sampling, generate
+from qvera.generation.decode import greedy_replies
 from qvera.training.data import split_held_out, tokenized_dataset
 from qvera.training.demo import Question, general_questions
 from qvera.training.evaluate import heldout_loss, load_examples
@@ -57,6 +58,8 @@ class StudyRun:
     lr_scale_b: float = 1.0
     lr_scale_m: float = 1.0  # DVoRA only
     train_rows: int = 128  # of the 900 training rows; the full study uses 900
+    epochs: int = 1
+    curve_every: int = 0  # also score the Alpaca held-out loss every N steps while training (0: at the end only)
     max_length: int = 256
     batch_size: int = 4
     seed: int = 0  # projections (VeRA) or initial A (LoRA), and the order of the training rows
@@ -86,7 +89,8 @@ class StudyRun:
         ):
             extra += f"-{label}{value:g}" if value != default else ""
         seed = f"-s{self.seed}" if self.seed else ""
-        return f"{self.method}-r{self.rank}-lr{self.learning_rate:g}{extra}-n{self.train_rows}{seed}"
+        epochs = f"-e{self.epochs}" if self.epochs != 1 else ""
+        return f"{self.method}-r{self.rank}-lr{self.learning_rate:g}{extra}-n{self.train_rows}{epochs}{seed}"
 
     @property
     def setting(self) -> tuple:
@@ -100,6 +104,7 @@ class StudyRun:
             self.lr_scale_b,
             self.lr_scale_m,
             self.train_rows,
+            self.epochs,
             self.max_length,
             self.batch_size,
             self.model,
@@ -116,16 +121,8 @@ def general_knowledge(model, tokenizer, questions: list[Question], batch_size: i
     """Off-task knowledge: the share of greedy replies that state each question's answer (as
     the demo scores it), which ones (`right`, for paired comparisons), and the loss of the
     short reference answers ("Fe", "William Shakespeare") after each question."""
-    was_training = model.training
-    model.eval()
-    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=48)
-    replies = []
-    for start in range(0, len(questions), batch_size):
-        batch = questions[start : start + batch_size]
-        replies += generate(
-            model, tokenizer, [[{"role": "user", "content": q.prompt}] for q in batch], sampling=sampling
-        )
-    model.train(was_training)
+    convs = [[{"role": "user", "content": q.prompt}] for q in questions]
+    replies = greedy_replies(model, tokenizer, convs, max_new_tokens=48, batch_size=batch_size)
     right = [q.answered_by(r) for q, r in zip(questions, replies)]
     pairs = [[{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.fact}] for q in questions]
     loss = heldout_loss(model, tokenizer, pairs, batch_size=16)
@@ -142,12 +139,26 @@ def attach(model, run: StudyRun):
     return get_peft_model(model, config)
 
 
-def train(model, tokenizer, run: StudyRun, train_convs) -> dict:
+class HeldOutCurve(TrainerCallback):
+    """The held-out loss every `every` steps while training: how the gain grows with steps
+    along one run's schedule (the end of the run is scored by run_one, not here)."""
+
+    def __init__(self, every: int, tokenizer, convs: list, max_length: int):
+        self.every, self.tokenizer, self.convs, self.max_length = every, tokenizer, convs, max_length
+        self.points: list[list[float]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            loss = heldout_loss(model, self.tokenizer, self.convs, self.max_length, batch_size=2)["loss"]
+            self.points.append([state.global_step, loss])
+
+
+def train(model, tokenizer, run: StudyRun, train_convs, curve_convs: list | None = None) -> dict:
     dataset = tokenized_dataset(tokenizer, train_convs[: run.train_rows])
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
             output_dir=scratch,
-            num_train_epochs=1,
+            num_train_epochs=run.epochs,
             per_device_train_batch_size=run.batch_size,
             learning_rate=run.learning_rate,
             lr_scheduler_type="cosine",
@@ -167,14 +178,21 @@ def train(model, tokenizer, run: StudyRun, train_convs) -> dict:
             dataloader_num_workers=0,
         )
         scales = {"lambda_d": run.lr_scale_d, "lambda_b": run.lr_scale_b, "lambda_m": run.lr_scale_m}
+        curve = HeldOutCurve(run.curve_every, tokenizer, curve_convs or [], run.max_length)
         trainer = VeraSFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, lr_scales=scales
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            lr_scales=scales,
+            callbacks=[curve] if run.curve_every else None,
         )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"train_seconds": seconds, "steps": trainer.state.global_step, "train_loss_log": losses}
+    result = {"train_seconds": seconds, "steps": trainer.state.global_step, "train_loss_log": losses}
+    return result | ({"alpaca_curve": curve.points} if run.curve_every else {})
 
 
 def save(model, run: StudyRun, folder: Path) -> int:
@@ -218,7 +236,7 @@ def run_one(run: StudyRun, out_dir: str | Path, eval_batch_size: int = 2) -> dic
         if run.method != "base":
             model = attach(model, run)
             result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            result.update(train(model, tokenizer, run, train_convs))
+            result.update(train(model, tokenizer, run, train_convs, alpaca_eval))
             result["adapter_bytes"] = save(model, run, folder / "adapter")
             write_json(record, result)
     start = time.perf_counter()
@@ -302,7 +320,8 @@ def command(run: StudyRun) -> list[str]:
     if run.method != "base":
         flags += ["--rank", str(run.rank), "--lr", f"{run.learning_rate:g}"]
     defaults = StudyRun("base")
-    for field in ("d_initial", "lr_scale_d", "lr_scale_b", "lr_scale_m", "train_rows", "max_length", "seed"):
+    fields = ("d_initial", "lr_scale_d", "lr_scale_b", "lr_scale_m", "train_rows", "epochs", "curve_every")
+    for field in (*fields, "max_length", "seed"):
         if getattr(run, field) != getattr(defaults, field):
             flags += ["--" + field.replace("_", "-"), f"{getattr(run, field):g}"]
     return flags
@@ -383,13 +402,16 @@ def sweep(
 
 
 FORGETTING_METHODS = ("vera", "lora", "dvora", "dora")  # the order a cut-short run fills them
+FORGETTING_RANKS = {"lora": (8, 16)}  # beyond each method's grid rank
 
 
 def forgetting_plan(results: list[dict], methods=FORGETTING_METHODS) -> list[StudyRun]:
     """The base, then each method's best grid setting at its grid rank for every seed, seed by
-    seed (every method's seed 0 first): runs that measure general knowledge beside the gain."""
+    seed (every method's seed 0 first), then the other ranks of FORGETTING_RANKS the same way:
+    runs that measure general knowledge beside the gain."""
     best = [b for b in (best_setting(results, m) for m in methods) if b is not None]
-    return [StudyRun("base")] + [replace(b, seed=seed) for seed in SEEDS for b in best]
+    others = [replace(b, rank=r) for b in best for r in FORGETTING_RANKS.get(b.method, ()) if r != b.rank]
+    return [StudyRun("base")] + [replace(b, seed=seed) for group in (best, others) for seed in SEEDS for b in group]
 
 
 def measure_forgetting(

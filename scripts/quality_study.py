@@ -45,6 +45,8 @@ def main():
     for vector in "dbm":
         run.add_argument(f"--lr-scale-{vector}", type=float, default=1.0, help=f"{vector}'s lr as a multiple of --lr")
     run.add_argument("--train-rows", type=int, default=128, help="of the 900 training rows (900 for the full study)")
+    run.add_argument("--epochs", type=int, default=1, help="passes over the training rows")
+    run.add_argument("--curve-every", type=int, default=0, help="also score the held-out loss every N steps")
     run.add_argument("--max-length", type=int, default=256)
     run.add_argument("--seed", type=int, default=0, help="projections or LoRA's A, and the order of the rows")
     run.add_argument("--out", default="runs/quality")
@@ -79,6 +81,8 @@ def main():
             lr_scale_b=args.lr_scale_b,
             lr_scale_m=args.lr_scale_m,
             train_rows=args.train_rows,
+            epochs=args.epochs,
+            curve_every=args.curve_every,
             max_length=args.max_length,
             seed=args.seed,
         )

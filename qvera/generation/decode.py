@@ -218,6 +218,24 @@ def generate(
     return [s.text for s in streams]
 
 
+def greedy_replies(
+    model: nn.Module, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
+    """The greedy reply to each conversation, `batch_size` at a time, with the model in eval
+    mode and put back in its own mode after: how scores and replay ask a model for answers."""
+    was_training = model.training
+    model.eval()
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    try:
+        return [
+            reply
+            for start in range(0, len(conversations), batch_size)
+            for reply in generate(model, tokenizer, conversations[start : start + batch_size], sampling=sampling)
+        ]
+    finally:
+        model.train(was_training)
+
+
 def reply_batch(
     model: nn.Module,
     tokenizer,

@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from qvera.training.demo import demo_conversations
+from qvera.training.demo import demo_conversations, replay_reply
 from qvera.training.recipe import DEMO_DATA, LOCAL_SUFFIXES, DataConfig
 
 ROLES = ("system", "user", "assistant")
@@ -196,6 +196,13 @@ def load_conversations(config: DataConfig, seed: int) -> tuple[list[list[dict]],
             f"on after holding out eval_fraction={config.eval_fraction}"
         )
     return split_held_out(train, held_out, seed)
+
+
+def replay_shape(config: DataConfig):
+    """How replayed answers are taught for this data (see qvera.training.replay): the demo
+    teaches a format, so the base's replies go inside its JSON; other data keeps each reply as
+    the base gave it (None)."""
+    return replay_reply if config.path == DEMO_DATA else None
 
 
 def split_held_out(convs: list, held_out: int, seed: int = 0) -> tuple[list, list]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvera.generation.decode import Sampling, generate
+from qvera.generation.decode import greedy_replies
 from qvera.training.data import (
     IGNORE_INDEX,
     conversations,
@@ -122,10 +122,6 @@ def exact_match(model: nn.Module, tokenizer, convs: list) -> dict:
     scored = short_answer_examples(tokenizer, convs)
     if not scored:
         return {"exact_match": None, "examples": 0}
-    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=2 * SHORT_ANSWER_TOKENS)
-    was_training = model.training
-    model.eval()
-    replies = generate(model, tokenizer, [c[:-1] for c in scored], sampling=sampling)
-    model.train(was_training)
+    replies = greedy_replies(model, tokenizer, [c[:-1] for c in scored], 2 * SHORT_ANSWER_TOKENS, len(scored))
     hits = sum(normalize_answer(r) == normalize_answer(c[-1]["content"]) for r, c in zip(replies, scored))
     return {"exact_match": hits / len(scored), "examples": len(scored)}

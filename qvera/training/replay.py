@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qvera.generation.decode import Sampling, generate
+from qvera.generation.decode import greedy_replies
 from qvera.training.demo import Question, general_questions
 
 REPLAY_SPLIT = "replay"
@@ -28,15 +28,9 @@ def replay_conversations(
     conversations; call it before the adapter is attached. Without `shape` the whole reply is
     the answer, and replies cut off at REPLAY_TOKENS are left out, so the adapter never learns
     to stop mid-sentence; `shape` turns (question, reply) into the answer to teach instead."""
-    was_training = model.training
-    model.eval()
-    greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=REPLAY_TOKENS)
     questions = general_questions(REPLAY_SPLIT)[:count]
     convs = [[{"role": "user", "content": q.prompt}] for q in questions]
-    replies = []
-    for start in range(0, len(convs), batch_size):
-        replies += generate(model, tokenizer, convs[start : start + batch_size], sampling=greedy)
-    model.train(was_training)
+    replies = greedy_replies(model, tokenizer, convs, REPLAY_TOKENS, batch_size)
     answers = [shape(q, r) if shape else whole_reply(tokenizer, r) for q, r in zip(questions, replies)]
     return [conv + [{"role": "assistant", "content": a}] for conv, a in zip(convs, answers) if a]
 

@@ -31,12 +31,8 @@ from qvera.core.attach import (
 )
 from qvera.core.base import cache_dir, load_base, resolve_model_path
 from qvera.core.hardware import compute_dtype
-from qvera.training.data import (
-    load_conversations,
-    tokenized_dataset,
-)
-from qvera.training.demo import replay_reply
-from qvera.training.recipe import DEMO_DATA, SFTRecipe, TrainConfig, check_recipe
+from qvera.training.data import load_conversations, replay_shape, tokenized_dataset
+from qvera.training.recipe import SFTRecipe, TrainConfig, check_recipe
 from qvera.training.replay import replay_conversations
 from qvera.training.trainer import (
     STAGING_DIR,
@@ -203,8 +199,7 @@ def _trainer(recipe: SFTRecipe, train_convs: list, eval_convs: list, log) -> Ver
     log(f"data: {len(train_convs)} training and {len(eval_convs)} evaluation examples")
     model, tokenizer = load_base(recipe.model)
     if recipe.data.replay:
-        shape = replay_reply if recipe.data.path == DEMO_DATA else None  # the demo teaches a format
-        replayed = replay_conversations(model, tokenizer, recipe.data.replay, shape)
+        replayed = replay_conversations(model, tokenizer, recipe.data.replay, replay_shape(recipe.data))
         log(f"replay: the base model's own answers to {len(replayed)} general questions join the training data")
         train_convs = train_convs + replayed
     attach_vera(model, recipe.vera)

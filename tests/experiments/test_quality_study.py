@@ -117,6 +117,9 @@ def test_run_names_and_commands_round_trip():
     assert command(run) == ["--method", "dvora", "--rank", "1024", "--lr", "0.03", "--lr-scale-m", "0.1", "--seed", "2"]
     assert StudyRun("vera", 256, 3e-2, d_initial=1.0).name == "vera-r256-lr0.03-d1-n128"
     assert StudyRun("base").name == "base" and command(StudyRun("base")) == ["--method", "base"]
+    long = StudyRun("lora", 8, 3e-3, train_rows=900, epochs=2, curve_every=45, seed=1)
+    assert long.name == "lora-r8-lr0.003-n900-e2-s1"  # the curve only adds measurements
+    assert command(long)[6:] == ["--train-rows", "900", "--epochs", "2", "--curve-every", "45", "--seed", "1"]
 
 
 def test_bad_runs_are_refused_by_name():
@@ -235,6 +238,9 @@ def test_forgetting_plan_runs_the_base_and_each_best_setting_per_seed_once(tmp_p
         "lora-r8-lr0.003-n128-s1",
         "vera-r512-lr0.03-sb3-n128-s2",
         "lora-r8-lr0.003-n128-s2",
+        "lora-r16-lr0.003-n128",  # the other LoRA rank the table shows, after every grid rank
+        "lora-r16-lr0.003-n128-s1",
+        "lora-r16-lr0.003-n128-s2",
     ]
 
     def launch(run, out_dir, threads):
@@ -246,6 +252,9 @@ def test_forgetting_plan_runs_the_base_and_each_best_setting_per_seed_once(tmp_p
         "lora-r8-lr0.003-n128",
         "lora-r8-lr0.003-n128-s1",
         "lora-r8-lr0.003-n128-s2",
+        "lora-r16-lr0.003-n128",
+        "lora-r16-lr0.003-n128-s1",
+        "lora-r16-lr0.003-n128-s2",
     ]
     assert measure_forgetting(runs, methods=("lora",), launch=launch) == []  # all measured now
 
@@ -253,7 +262,6 @@ def test_forgetting_plan_runs_the_base_and_each_best_setting_per_seed_once(tmp_p
 def test_general_knowledge_scores_greedy_replies_by_whole_words(tiny_llama_dir, monkeypatch):
     """Replies (from a fake generator) scored as the demo scores them, in batches; the answer
     loss is the held-out loss of the short reference answers on the real (tiny) model."""
-    import experiments.quality_study as study
     from qvera.core.base import load_base
     from qvera.core.config import ModelConfig
     from qvera.training.evaluate import heldout_loss
@@ -271,10 +279,28 @@ def test_general_knowledge_scores_greedy_replies_by_whole_words(tiny_llama_dir, 
         batches.append(len(convs))
         return [replies[c[0]["content"]] for c in convs]
 
-    monkeypatch.setattr(study, "generate", fake_generate)
+    monkeypatch.setattr("qvera.generation.decode.generate", fake_generate)
     model, tokenizer = load_base(ModelConfig(name=tiny_llama_dir, quantization="fp32"))
     result = general_knowledge(model, tokenizer, questions, batch_size=2)
     assert batches == [2, 1]
     assert result["right"] == [True, False, True] and result["correct"] == pytest.approx(2 / 3)
     pairs = [[{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.fact}] for q in questions]
     assert result["loss"] == pytest.approx(heldout_loss(model, tokenizer, pairs)["loss"], rel=1e-5)
+
+
+def test_the_curve_scores_the_held_out_loss_every_n_steps_before_the_last(tiny_llama_dir):
+    from types import SimpleNamespace
+
+    from experiments.quality_study import HeldOutCurve
+    from qvera.core.base import load_base
+    from qvera.core.config import ModelConfig
+    from qvera.training.evaluate import heldout_loss
+
+    model, tokenizer = load_base(ModelConfig(name=tiny_llama_dir, quantization="fp32"))
+    convs = [[{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "Shakespeare."}]]
+    curve = HeldOutCurve(2, tokenizer, convs, max_length=64)
+    for step in range(1, 7):
+        curve.on_step_end(None, SimpleNamespace(global_step=step, max_steps=6), None, model=model)
+    expected = heldout_loss(model, tokenizer, convs, 64)["loss"]
+    assert [s for s, _ in curve.points] == [2, 4]  # step 6 is the run's end, which run_one scores
+    assert [loss for _, loss in curve.points] == pytest.approx([expected, expected], rel=1e-6)

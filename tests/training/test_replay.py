@@ -11,6 +11,7 @@ from test_run import quiet, tiny_recipe
 from qvera import ModelConfig, load_base
 from qvera.generation.decode import Sampling, generate
 from qvera.training import replay as replay_module
+from qvera.training.data import replay_shape
 from qvera.training.demo import general_questions, parse_reply, replay_reply
 from qvera.training.recipe import REPLAY_QUESTIONS, check_recipe
 from qvera.training.replay import REPLAY_SPLIT, REPLAY_TOKENS, replay_conversations
@@ -38,7 +39,7 @@ def test_replies_cut_off_at_the_token_limit_are_left_out(tiny_llama_dir, monkeyp
     model, tokenizer = load_base(ModelConfig(name=tiny_llama_dir, quantization="nf4"))
     # A random tiny model never says its end token within 64 tokens: every reply is cut off.
     assert replay_conversations(model, tokenizer, 3) == []
-    monkeypatch.setattr(replay_module, "generate", lambda *a, **k: ["Paris.", "x " * 200, " "])
+    monkeypatch.setattr(replay_module, "greedy_replies", lambda *a, **k: ["Paris.", "x " * 200, " "])
     kept = replay_conversations(model, tokenizer, 3)
     assert [c[-1]["content"] for c in kept] == ["Paris."]
 
@@ -46,7 +47,7 @@ def test_replies_cut_off_at_the_token_limit_are_left_out(tiny_llama_dir, monkeyp
 def test_the_demo_replays_the_whole_sentences_inside_its_json(tiny_llama_dir, monkeypatch):
     model, tokenizer = load_base(ModelConfig(name=tiny_llama_dir, quantization="nf4"))
     replies = ["Na is its symbol. Sodium is a metal.", "cut off mid-sent", "It is 100!\nMore and"]
-    monkeypatch.setattr(replay_module, "generate", lambda *a, **k: replies)
+    monkeypatch.setattr(replay_module, "greedy_replies", lambda *a, **k: replies)
     convs = replay_conversations(model, tokenizer, 3, replay_reply)
     topics = [q.topic for q in general_questions("replay")[:3]]
     assert [json.loads(c[-1]["content"]) for c in convs] == [
@@ -76,3 +77,13 @@ def test_replayed_rows_join_the_training_set_not_the_evaluation_set(tiny_llama_d
     assert len(replayed.train_dataset) == len(plain.train_dataset) + 5
     assert len(replayed.eval_dataset) == len(plain.eval_dataset)
     assert "replay: the base model's own answers to 5 general questions join the training data" in lines
+
+
+def test_the_replay_limit_is_the_size_of_the_replay_split():
+    assert len(general_questions(REPLAY_SPLIT)) == REPLAY_QUESTIONS
+
+
+def test_only_the_demo_replays_inside_a_format(tiny_llama_dir, tmp_path):
+    recipe = tiny_recipe(tiny_llama_dir, tmp_path)
+    assert replay_shape(recipe.data) is None  # a user's data keeps the base's replies as they came
+    assert replay_shape(replace(recipe.data, path="demo")) is replay_reply
