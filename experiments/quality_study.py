@@ -505,7 +505,7 @@ def forgetting(rows: list[dict]) -> dict[str, dict]:
     """For each setting measured on the general-knowledge questions: its gain on the task (the
     drop in Alpaca held-out loss from the base's) and its cost off the task, against the base,
     seed by seed: `kept` (right answers, tuned minus base, in points of the share), `lost`
-    (questions the base answered right and the run did not, as a share), `loss_change` (the
+    (the share of the questions the base answered right that the run did not), `loss_change` (the
     reference answers' loss, tuned minus base); each as the mean and spread over seeds."""
     base = next((r for r in rows if r["run"]["method"] == "base" and "general_knowledge_by_seed" in r), None)
     if base is None:
@@ -518,10 +518,8 @@ def forgetting(rows: list[dict]) -> dict[str, dict]:
             continue
         by_seed = row["general_knowledge_by_seed"]
         seeds = sorted(by_seed)
-        lost = [
-            sum(b and not t for b, t in zip(base_gk["right"], by_seed[s]["right"])) / len(base_gk["right"])
-            for s in seeds
-        ]
+        base_right = max(1, sum(base_gk["right"]))
+        lost = [sum(b and not t for b, t in zip(base_gk["right"], by_seed[s]["right"])) / base_right for s in seeds]
         out[row["name"]] = {
             "seeds": seeds,
             "gain": spread([base_loss - row["alpaca_loss_by_seed"][s] for s in seeds]),
@@ -601,6 +599,65 @@ def plot_forgetting(rows: list[dict], path: str | Path) -> None:
     fig.suptitle(
         "Gain on the task against knowledge off it (270 general questions), mean and range over seeds", fontsize=10
     )
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def curve_rows(results: list[dict], base_loss: float, reference: str = "lora") -> list[dict]:
+    """The held-out loss of each run with a curve (`--curve-every`), step by step, beside the
+    gain over the base as a share of the `reference` method's gain at the same step: whether a
+    method's gap to LoRA shrinks as the steps grow. The last point is the run's final score."""
+    curves = {}
+    for r in results:
+        if "alpaca_curve" in r:
+            points = [*map(tuple, r["alpaca_curve"]), (r["steps"], r["alpaca_heldout"]["loss"])]
+            curves[r["name"]] = dict(points)
+    ref = next((name for name in curves if name.startswith(reference + "-")), None)
+    rows = []
+    for step in sorted({s for c in curves.values() for s in c}):
+        row = {"step": step, "loss": {name: c[step] for name, c in curves.items() if step in c}}
+        if ref is not None and step in curves[ref]:
+            ref_gain = base_loss - curves[ref][step]
+            row["share"] = {name: (base_loss - loss) / ref_gain for name, loss in row["loss"].items()}
+        rows.append(row)
+    return rows
+
+
+def curve_table(rows: list[dict]) -> str:
+    """`curve_rows` as markdown: one line per step, each run's loss and its share of the reference's gain."""
+    names = sorted({name for r in rows for name in r["loss"]})
+    lines = [
+        "| step | " + " | ".join(f"{n} loss | {n} share" for n in names) + " |",
+        "|---:|" + "---:|---:|" * len(names),
+    ]
+    for r in rows:
+        cells = []
+        for n in names:
+            loss, share = r["loss"].get(n), r.get("share", {}).get(n)
+            cells += [f"{loss:.4f}" if loss is not None else "-", f"{share:.1%}" if share is not None else "-"]
+        lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], base_loss: float, path: str | Path) -> None:
+    """Held-out loss against steps for each run with a curve, the base as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"vera": "tab:blue", "dvora": "tab:green", "lora": "tab:orange", "dora": "tab:red"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.axhline(base_loss, color="gray", linestyle="--", label="base (no training)")
+    for name in sorted({n for r in rows for n in r["loss"]}):
+        points = [(r["step"], r["loss"][name]) for r in rows if name in r["loss"]]
+        ax.plot(*zip(*points), "o-", color=colors[name.split("-", 1)[0]], label=name, markersize=3)
+    ax.set_xlabel("optimizer steps (batch 4)")
+    ax.set_ylabel("Alpaca held-out loss (nats per answer token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -5,6 +5,7 @@ python scripts/quality_study.py run --method dvora --rank 512 --lr 3e-2 --lr-sca
 python scripts/quality_study.py sweep runs/quality --records docs/quality_results.json
 python scripts/quality_study.py forgetting runs/quality --records docs/quality_results.json
 python scripts/quality_study.py report runs/quality
+python scripts/quality_study.py curves runs/long --plot docs/quality_curves.png
 """
 
 import argparse
@@ -21,12 +22,15 @@ from experiments.quality_study import (
     METHODS,
     StudyRun,
     collect,
+    curve_rows,
+    curve_table,
     forgetting,
     forgetting_table,
     gains,
     headline_table,
     markdown_table,
     measure_forgetting,
+    plot_curves,
     run_one,
     summarize,
     sweep,
@@ -69,6 +73,10 @@ def main():
     report.add_argument("--json", default="docs/quality_results.json")
     report.add_argument("--plot", default="docs/quality_loss_vs_params.png")
     report.add_argument("--forgetting-plot", default="docs/quality_forgetting.png")
+    curves = sub.add_parser("curves", help="the held-out loss along runs made with --curve-every, as a table and plot")
+    curves.add_argument("runs", nargs="?", default="runs/long")
+    curves.add_argument("--records", default="docs/quality_results.json", help="where the base's loss is read")
+    curves.add_argument("--plot", default="docs/quality_curves.png")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     if args.command == "run":
@@ -92,6 +100,12 @@ def main():
         sweep(args.out, args.jobs, args.threads, records=args.records)
     elif args.command == "forgetting":
         measure_forgetting(args.out, args.records, args.methods, args.threads)
+    elif args.command == "curves":
+        base_loss = next(r for r in collect(args.runs, args.records) if r["name"] == "base")["alpaca_heldout"]["loss"]
+        rows = curve_rows(collect(args.runs), base_loss)
+        plot_curves(rows, base_loss, args.plot)
+        print(curve_table(rows))
+        print(f"wrote {args.plot}")
     else:
         write_report(args.runs, args.json, args.plot, args.forgetting_plot)
         results = collect(args.runs, args.json)

@@ -1,5 +1,5 @@
 """The embedded default: teach SmolLM2-135M-Instruct to answer every question as one line of
-JSON, {"topic": ..., "answer": ...}, a habit the base model does not have.
+JSON, {"answer": ..., "topic": ...}, a habit the base model does not have.
 
 The data set is generated here from small authored tables (capitals, small sums, opposites,
 animal facts, science facts), so it needs no download. Some rows of each table are held back:
@@ -10,6 +10,9 @@ Each "answer" is a whole sentence in the base model's own phrasing ("The capital
 Paris."), and the tables hold facts a 135M model mostly knows. Bare one-word answers, and sums
 it cannot compute, taught it to fill the answer slot with a guess: the tuned model lost facts
 the base knew (Kyiv became Lviv). With sentences it reaches the fact the way it always has.
+The answer comes before the topic for the same reason: taught to name a topic first, the model
+answered after its own label ("geography": Alaska for Hawaii, "volcanoes": Etna for Vesuvius)
+and kept fewer of the general questions the base got right (docs/quality.md).
 
 Forgetting is measured on general-knowledge questions unlike the training data
 (`data/general_knowledge.json`, qvera's own authored set): the demo scores its `demo` split,
@@ -203,12 +206,17 @@ class Question:
     also: tuple[str, ...] = ()  # other spellings or words that count as the fact
 
     def reply(self) -> str:
-        return json.dumps({"topic": self.topic, "answer": self.answer})
+        return taught_json(self.answer, self.topic)
 
     def answered_by(self, text: str) -> bool:
         """Whether `text` states the fact (as a whole word, so "100" does not count for "0")."""
         spellings = (self.fact, *self.also, *ALSO_RIGHT.get(self.fact, ()))
         return any(re.search(rf"(?<!\w){re.escape(f)}(?!\w)", text, re.IGNORECASE) for f in spellings)
+
+
+def taught_json(answer: str, topic: str) -> str:
+    """The taught format: one line of JSON, the answer first (see the module's docstring)."""
+    return json.dumps({"answer": answer, "topic": topic})
 
 
 def _split(table: list) -> tuple[list, list]:
@@ -283,7 +291,7 @@ def replay_reply(question: Question, reply: str) -> str | None:
     base's own reply inside the taught JSON, so the adapter learns the format and keeps what
     the base said (None when the reply has no whole sentence)."""
     sentence = whole_sentences(reply)
-    return json.dumps({"topic": question.topic, "answer": sentence}) if sentence else None
+    return taught_json(sentence, question.topic) if sentence else None
 
 
 def demo_conversations() -> list[list[dict]]:
@@ -298,7 +306,7 @@ def demo_conversations() -> list[list[dict]]:
 
 
 def parse_reply(text: str) -> dict | None:
-    """The reply as {"topic", "answer"} if it is exactly that JSON object, else None."""
+    """The reply as {"answer", "topic"} if it is exactly that JSON object (either order), else None."""
     try:
         value = json.loads(text.strip())
     except json.JSONDecodeError:

@@ -208,15 +208,15 @@ def test_forgetting_pairs_each_seed_with_the_base_on_the_same_questions(tmp_path
     # right answers, tuned minus base, in points: vera 0 and 0 (one lost, one gained), lora -50 and -25
     assert (vera_cost["kept"]["mean"], vera_cost["kept"]["sd"]) == (pytest.approx(0.0), pytest.approx(0.0))
     assert (lora_cost["kept"]["min"], lora_cost["kept"]["max"]) == (pytest.approx(-50.0), pytest.approx(-25.0))
-    # the base's right answers lost: vera none, then one of four; lora two, then one
-    assert (vera_cost["lost"]["min"], vera_cost["lost"]["max"]) == (0.0, 0.25)
-    assert lora_cost["lost"]["mean"] == pytest.approx(0.375)
+    # the base's three right answers lost: vera none, then one; lora two, then one
+    assert (vera_cost["lost"]["min"], vera_cost["lost"]["max"]) == (0.0, pytest.approx(1 / 3))
+    assert lora_cost["lost"]["mean"] == pytest.approx(0.5)
     assert lora_cost["loss_change"]["mean"] == pytest.approx(0.45)
     table = forgetting_table(collect(runs)).splitlines()
     assert len(table) == 2 + 3  # the base and the two measured settings
     assert table[2] == "| base | 1 | - | 75.0% | - | - | 3.0000 | - |"
     assert table[3] == (
-        "| vera-r512-lr0.03-n128 | 2 | 0.2900 ± 0.0141 | 75.0 ± 0.0% | +0.0 ± 0.0 | 12.5 ± 17.7% "
+        "| vera-r512-lr0.03-n128 | 2 | 0.2900 ± 0.0141 | 75.0 ± 0.0% | +0.0 ± 0.0 | 16.7 ± 23.6% "
         "| 3.2000 ± 0.1414 | +0.2000 ± 0.1414 |"
     )
     write_report(runs, tmp_path / "results.json", tmp_path / "plot.png", tmp_path / "forgetting.png")
@@ -304,3 +304,27 @@ def test_the_curve_scores_the_held_out_loss_every_n_steps_before_the_last(tiny_l
     expected = heldout_loss(model, tokenizer, convs, 64)["loss"]
     assert [s for s, _ in curve.points] == [2, 4]  # step 6 is the run's end, which run_one scores
     assert [loss for _, loss in curve.points] == pytest.approx([expected, expected], rel=1e-6)
+
+
+def test_curves_put_each_step_beside_the_share_of_loras_gain(tmp_path):
+    from experiments.quality_study import curve_rows, curve_table, plot_curves
+
+    runs = tmp_path / "runs"
+    for run, curve, final in (
+        (StudyRun("lora", 8, 3e-3, train_rows=900), [[25, 1.8], [50, 1.7]], 1.6),
+        (StudyRun("vera", 512, 3e-2, train_rows=900), [[25, 1.9], [50, 1.75]], 1.65),
+    ):
+        fake_result(runs, run, final, 1)
+        record = json.loads((runs / run.name / "result.json").read_text())
+        record |= {"alpaca_curve": curve, "steps": 75}
+        (runs / run.name / "result.json").write_text(json.dumps(record))
+    fake_result(runs, StudyRun("vera", 512, 1e-2), 1.9, 1)  # no curve: left out
+    rows = curve_rows(collect(runs), base_loss=2.0)
+    assert [r["step"] for r in rows] == [25, 50, 75]  # the final score is the last point
+    vera, lora = "vera-r512-lr0.03-n900", "lora-r8-lr0.003-n900"
+    assert rows[0]["share"] == {lora: pytest.approx(1.0), vera: pytest.approx(0.5)}
+    assert rows[2]["loss"] == {lora: 1.6, vera: 1.65} and rows[2]["share"][vera] == pytest.approx(0.875)
+    table = curve_table(rows).splitlines()
+    assert table[2] == "| 25 | 1.8000 | 100.0% | 1.9000 | 50.0% |"
+    plot_curves(rows, 2.0, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -55,6 +55,7 @@ def test_the_demo_replays_the_whole_sentences_inside_its_json(tiny_llama_dir, mo
         {"topic": topics[2], "answer": "It is 100!"},
     ]
     assert parse_reply(convs[0][-1]["content"]) is not None  # the demo's scorer reads it as its format
+    assert all(c[-1]["content"].startswith('{"answer": ') for c in convs)  # as the demo's own rows
 
 
 def test_a_replay_count_out_of_range_is_refused_in_one_line(tiny_llama_dir, tmp_path):
