@@ -83,13 +83,16 @@ def help_text(run) -> str:
     return out.getvalue()
 
 
-def script_help(script: Path) -> str:
+def script_help(script: Path, *command: str) -> str:
+    """The script's --help, and each subcommand's (`{run,sweep,...}` in its usage) after it."""
     argv = sys.argv
-    sys.argv = [str(script), "--help"]
+    sys.argv = [str(script), *command, "--help"]
     try:
-        return help_text(lambda: runpy.run_path(str(script), run_name="__main__"))
+        text = help_text(lambda: runpy.run_path(str(script), run_name="__main__"))
     finally:
         sys.argv = argv
+    subcommands = re.search(r"\{(\w[\w,-]*)\}", text) if not command else None
+    return text + "".join(script_help(script, sub) for sub in (subcommands.group(1).split(",") if subcommands else ()))
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +109,7 @@ def known_flags() -> set[str]:
 
 def test_every_flag_the_docs_name_is_a_flag_of_a_command(known_flags):
     assert "--rank" in known_flags and "--adapters" in known_flags  # the help texts were read
+    assert "--curve-every" in known_flags  # and the scripts' subcommands' (quality_study.py run)
     unknown = []
     for name, text in doc_text().items():
         unknown += [
