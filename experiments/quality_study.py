@@ -178,21 +178,21 @@ def train(model, tokenizer, run: StudyRun, train_convs, curve_convs: list | None
             dataloader_num_workers=0,
         )
         scales = {"lambda_d": run.lr_scale_d, "lambda_b": run.lr_scale_b, "lambda_m": run.lr_scale_m}
-        curve = HeldOutCurve(run.curve_every, tokenizer, curve_convs or [], run.max_length)
+        curve = HeldOutCurve(run.curve_every, tokenizer, curve_convs or [], run.max_length) if run.curve_every else None
         trainer = VeraSFTTrainer(
             model=model,
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
             lr_scales=scales,
-            callbacks=[curve] if run.curve_every else None,
+            callbacks=[curve] if curve else None,
         )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {"train_seconds": seconds, "steps": trainer.state.global_step, "train_loss_log": losses}
-    return result | ({"alpaca_curve": curve.points} if run.curve_every else {})
+    return result | ({"alpaca_curve": curve.points} if curve else {})
 
 
 def save(model, run: StudyRun, folder: Path) -> int:
@@ -320,8 +320,17 @@ def command(run: StudyRun) -> list[str]:
     if run.method != "base":
         flags += ["--rank", str(run.rank), "--lr", f"{run.learning_rate:g}"]
     defaults = StudyRun("base")
-    fields = ("d_initial", "lr_scale_d", "lr_scale_b", "lr_scale_m", "train_rows", "epochs", "curve_every")
-    for field in (*fields, "max_length", "seed"):
+    for field in (
+        "d_initial",
+        "lr_scale_d",
+        "lr_scale_b",
+        "lr_scale_m",
+        "train_rows",
+        "epochs",
+        "curve_every",
+        "max_length",
+        "seed",
+    ):
         if getattr(run, field) != getattr(defaults, field):
             flags += ["--" + field.replace("_", "-"), f"{getattr(run, field):g}"]
     return flags
@@ -512,13 +521,13 @@ def forgetting(rows: list[dict]) -> dict[str, dict]:
         return {}
     base_gk = next(iter(base["general_knowledge_by_seed"].values()))
     base_loss = base["alpaca_heldout_loss"]["mean"]
+    base_right = max(1, sum(base_gk["right"]))
     out = {}
     for row in rows:
         if row["run"]["method"] == "base" or "general_knowledge_by_seed" not in row:
             continue
         by_seed = row["general_knowledge_by_seed"]
         seeds = sorted(by_seed)
-        base_right = max(1, sum(base_gk["right"]))
         lost = [sum(b and not t for b, t in zip(base_gk["right"], by_seed[s]["right"])) / base_right for s in seeds]
         out[row["name"]] = {
             "seeds": seeds,
@@ -561,6 +570,16 @@ def forgetting_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+COLORS = {"vera": "tab:blue", "dvora": "tab:green", "lora": "tab:orange", "dora": "tab:red"}  # one per method
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write the figure whole or not at all (a temporary file renamed over `path`)."""
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
 def plot_forgetting(rows: list[dict], path: str | Path) -> None:
     """Gain on the task against the change in general knowledge, one point per setting (mean
     over seeds, bars from the lowest to the highest seed)."""
@@ -570,7 +589,6 @@ def plot_forgetting(rows: list[dict], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     costs = forgetting(rows)
-    colors = {"vera": "tab:blue", "dvora": "tab:green", "lora": "tab:orange", "dora": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in (
         (axes[0], "kept", "general-knowledge answers right, tuned minus base (points)"),
@@ -586,7 +604,7 @@ def plot_forgetting(rows: list[dict], path: str | Path) -> None:
                 xerr=[[g["mean"] - g["min"]], [g["max"] - g["mean"]]],
                 yerr=[[y["mean"] - y["min"]], [y["max"] - y["mean"]]],
                 fmt="o",
-                color=colors[method],
+                color=COLORS[method],
                 capsize=3,
             )
             ax.annotate(
@@ -600,9 +618,7 @@ def plot_forgetting(rows: list[dict], path: str | Path) -> None:
         "Gain on the task against knowledge off it (270 general questions), mean and range over seeds", fontsize=10
     )
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def curve_rows(results: list[dict], base_loss: float, reference: str = "lora") -> list[dict]:
@@ -648,20 +664,17 @@ def plot_curves(rows: list[dict], base_loss: float, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"vera": "tab:blue", "dvora": "tab:green", "lora": "tab:orange", "dora": "tab:red"}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.axhline(base_loss, color="gray", linestyle="--", label="base (no training)")
     for name in sorted({n for r in rows for n in r["loss"]}):
         points = [(r["step"], r["loss"][name]) for r in rows if name in r["loss"]]
-        ax.plot(*zip(*points), "o-", color=colors[name.split("-", 1)[0]], label=name, markersize=3)
+        ax.plot(*zip(*points), "o-", color=COLORS[name.split("-", 1)[0]], label=name, markersize=3)
     ax.set_xlabel("optimizer steps (batch 4)")
     ax.set_ylabel("Alpaca held-out loss (nats per answer token)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_report(
@@ -682,7 +695,6 @@ def write_report(
     rows = summarize(results)
     if forgetting_plot is not None:
         plot_forgetting(rows, forgetting_plot)
-    colors = {"vera": "tab:blue", "dvora": "tab:green", "lora": "tab:orange", "dora": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in (
         (axes[0], "alpaca_heldout_loss", "Alpaca, 100 held-out rows"),
@@ -691,7 +703,7 @@ def write_report(
         for r in rows:
             if r["run"]["method"] == "base":
                 ax.axhline(r[key]["mean"], color="gray", linestyle="--", label="base (no training)")
-        for method, color in colors.items():
+        for method, color in COLORS.items():
             line = sorted(
                 (r for r in rows if r["run"]["method"] == method and len(r["seeds"]) > 1),
                 key=lambda r: r["trainable_params"],
@@ -726,9 +738,7 @@ def write_report(
     axes[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct in NF4: mean over seeds, bars from lowest to highest seed", fontsize=10)
     fig.tight_layout()
-    tmp = Path(plot_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, plot_path)
+    save_figure(fig, plot_path)
 
 
 def markdown_table(results: list[dict]) -> str:

@@ -101,8 +101,9 @@ def main():
     elif args.command == "forgetting":
         measure_forgetting(args.out, args.records, args.methods, args.threads)
     elif args.command == "curves":
-        base_loss = next(r for r in collect(args.runs, args.records) if r["name"] == "base")["alpaca_heldout"]["loss"]
-        rows = curve_rows(collect(args.runs), base_loss)
+        results = collect(args.runs, args.records)  # the runs, and the base's record
+        base_loss = next(r for r in results if r["name"] == "base")["alpaca_heldout"]["loss"]
+        rows = curve_rows(results, base_loss)
         plot_curves(rows, base_loss, args.plot)
         print(curve_table(rows))
         print(f"wrote {args.plot}")

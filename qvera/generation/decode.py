@@ -9,7 +9,7 @@ batch keeps its rows fixed to the end, which lets one `AdapterBank.mixed_batch` 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -225,7 +225,7 @@ def greedy_replies(
     mode and put back in its own mode after: how scores and replay ask a model for answers."""
     was_training = model.training
     model.eval()
-    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    sampling = replace(GREEDY, max_new_tokens=max_new_tokens)
     try:
         return [
             reply

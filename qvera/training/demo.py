@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qvera.generation.bank import AdapterBank
-from qvera.generation.decode import Sampling, generate
+from qvera.generation.decode import GREEDY, generate
 
 SEED = 1234
 # In a clone (make demo, an editable install) the repository's data folder sits two levels up.
@@ -344,7 +344,7 @@ def compare(model, tokenizer, output_dir: str | Path | None = None, max_new_toke
         convs + convs,
         adapters=[None] * len(convs) + ["tuned"] * len(convs),
         bank=bank,
-        sampling=Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens),
+        sampling=replace(GREEDY, max_new_tokens=max_new_tokens),
     )
     bank.activate("tuned")  # leave the model as trained
     base, tuned = replies[: len(convs)], replies[len(convs) :]
