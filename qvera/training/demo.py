@@ -15,8 +15,9 @@ answered after its own label ("geography": Alaska for Hawaii, "volcanoes": Etna 
 and kept fewer of the general questions the base got right (docs/quality.md).
 
 Forgetting is measured on general-knowledge questions unlike the training data
-(`data/general_knowledge.json`, qvera's own authored set): the demo scores its `demo` split,
-base against tuned, by the same whole-word match as the taught facts.
+(`data/general_knowledge.json`, qvera's own authored set): the demo scores its `demo` and
+`study` splits (320 questions), base against tuned, by the same whole-word match as the taught
+facts.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ SEED = 1234
 # In a clone (make demo, an editable install) the repository's data folder sits two levels up.
 GENERAL_KNOWLEDGE = Path(__file__).resolve().parents[2] / "data" / "general_knowledge.json"
 GENERAL_SPLITS = ("demo", "replay", "study")  # scored by the demo; free for training; the quality study's
+# The demo's general-knowledge line scores every split it never trains on: its own 50 questions
+# and the quality study's 270. On 50 alone one question is 2 points, and bf16 rounding that
+# changes with the batch's shape flips one or two near-tied greedy answers (docs/quality.md).
+SCORED_SPLITS = ("demo", "study")
 ANSWERS_FILE = "demo_answers.jsonl"  # every reply of the before/after comparison, in the run folder
 
 CAPITALS = [
@@ -333,7 +338,8 @@ def compare(model, tokenizer, output_dir: str | Path | None = None, max_new_toke
     """Answer the held-out questions and the general-knowledge ones with the base (b = 0) and
     the tuned vectors in one mixed batch; return a side-by-side table and the scores, and
     write every reply to `output_dir`/demo_answers.jsonl when given."""
-    sets = {"held-out": held_out_questions(), "general": general_questions("demo")}
+    general = [q for split in SCORED_SPLITS for q in general_questions(split)]
+    sets = {"held-out": held_out_questions(), "general": general}
     questions = [q for qs in sets.values() for q in qs]
     bank = AdapterBank(model)
     bank.add_current("tuned")
@@ -406,9 +412,11 @@ def comparison_table(
         f"answers containing the right fact: base {sb['correct']:.0%}  ->  tuned {st['correct']:.0%}",
     ]
     if general:
-        gb, gt = score(general, general_base)["correct"], score(general, general_tuned)["correct"]
+        # Counts beside the shares: a question or two either way rounds to the same percent.
+        gb, gt = (sum(map(Question.answered_by, general, replies)) for replies in (general_base, general_tuned))
+        n = len(general)
         lines.append(
-            f"general knowledge kept (right):    base {gb:.0%}  ->  tuned {gt:.0%}  "
-            f"({len(general)} questions unlike the training data)"
+            f"general knowledge kept (right):    base {gb / n:.0%} ({gb})  ->  tuned {gt / n:.0%} ({gt})  "
+            f"({n} questions unlike the training data)"
         )
     return "\n".join(lines)

@@ -123,13 +123,14 @@ def test_table_shows_the_tuned_answer_field_and_the_general_share():
     assert row.endswith("| + The capital city of Ukraine is Kyiv.")  # the fact, not '{"topic": ... "The capit…'
     assert "|   I think it is Lviv." in row  # the base missed it: no mark
     assert "answers containing the right fact: base 50%  ->  tuned 100%" in table
-    assert "general knowledge kept (right):    base 100%  ->  tuned 50%  (2 questions" in table
+    assert "general knowledge kept (right):    base 100% (2)  ->  tuned 50% (1)  (2 questions" in table
 
 
 def test_compare_writes_every_reply_and_scores_both_sets(monkeypatch, tmp_path):
     """compare() asks base then tuned for the held-out and the general questions in one batch;
     a fake generator answers the fact for the base and a blank for the tuned general ones."""
-    held, general = held_out_questions(), general_questions("demo")
+    held = held_out_questions()
+    general = general_questions("demo") + general_questions("study")  # every split the demo never trains on
     questions = held + general
 
     class FakeBank:
@@ -154,7 +155,7 @@ def test_compare_writes_every_reply_and_scores_both_sets(monkeypatch, tmp_path):
     table = demo.compare(None, None, output_dir=tmp_path)
     assert table.endswith(f"every reply in full:              {tmp_path / demo.ANSWERS_FILE}")
     assert "answers in the taught JSON format: base 0%  ->  tuned 100%" in table
-    assert "general knowledge kept (right):    base 100%  ->  tuned 0%" in table
+    assert "general knowledge kept (right):    base 100% (320)  ->  tuned 0% (0)  (320 questions" in table
     rows = [json.loads(line) for line in (tmp_path / demo.ANSWERS_FILE).read_text().splitlines()]
     assert [r["question"] for r in rows] == [q.prompt for q in questions]
     assert [r["set"] for r in rows] == ["held-out"] * len(held) + ["general"] * len(general)

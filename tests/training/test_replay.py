@@ -12,7 +12,7 @@ from qvera import ModelConfig, load_base
 from qvera.generation.decode import Sampling, generate
 from qvera.training import replay as replay_module
 from qvera.training.data import replay_shape
-from qvera.training.demo import general_questions, parse_reply, replay_reply
+from qvera.training.demo import SCORED_SPLITS, general_questions, parse_reply, replay_reply
 from qvera.training.recipe import REPLAY_QUESTIONS, check_recipe
 from qvera.training.replay import REPLAY_SPLIT, REPLAY_TOKENS, replay_conversations
 from qvera.training.run import build_trainer
@@ -82,6 +82,12 @@ def test_replayed_rows_join_the_training_set_not_the_evaluation_set(tiny_llama_d
 
 def test_the_replay_limit_is_the_size_of_the_replay_split():
     assert len(general_questions(REPLAY_SPLIT)) == REPLAY_QUESTIONS
+
+
+def test_the_demo_never_scores_a_question_it_replays():
+    assert REPLAY_SPLIT not in SCORED_SPLITS
+    scored = {q.prompt for split in SCORED_SPLITS for q in general_questions(split)}
+    assert len(scored) == 320 and scored.isdisjoint(q.prompt for q in general_questions(REPLAY_SPLIT))
 
 
 def test_only_the_demo_replays_inside_a_format(tiny_llama_dir, tmp_path):
