@@ -34,7 +34,7 @@ from qvera.generation.decode import GREEDY, generate
 SEED = 1234
 # In a clone (make demo, an editable install) the repository's data folder sits two levels up.
 GENERAL_KNOWLEDGE = Path(__file__).resolve().parents[2] / "data" / "general_knowledge.json"
-GENERAL_SPLITS = ("demo", "replay", "study")  # scored by the demo; free for training; the quality study's
+GENERAL_SPLITS = ("demo", "replay", "study")  # the demo's; free for training; the quality study's
 # The demo's general-knowledge line scores every split it never trains on: its own 50 questions
 # and the quality study's 270. On 50 alone one question is 2 points, and bf16 rounding that
 # changes with the batch's shape flips one or two near-tied greedy answers (docs/quality.md).
@@ -270,8 +270,8 @@ def held_out_questions() -> list[Question]:
 
 def general_questions(split: str, path: Path = GENERAL_KNOWLEDGE) -> list[Question]:
     """One split of the general-knowledge set: `demo` (scored by the demo), `replay` (never
-    scored, free for training) or `study` (the quality study's); the answer is the fact, its
-    accepted alternatives in `also`."""
+    scored, free for training) or `study` (the quality study's, scored by the demo too); the
+    answer is the fact, its accepted alternatives in `also`."""
     if split not in GENERAL_SPLITS:
         raise ValueError(f"unknown general-knowledge split {split!r}; use one of {', '.join(GENERAL_SPLITS)}")
     if not path.is_file():
@@ -326,12 +326,12 @@ def parse_reply(text: str) -> dict | None:
 
 
 def score(questions: list[Question], replies: list[str]) -> dict[str, float]:
-    """Share of replies in the taught format, and share that state the right fact at all
-    (so one sees the format did not cost the base model its knowledge)."""
+    """Share of replies in the taught format, share that state the right fact at all (so one
+    sees the format did not cost the base model its knowledge), and how many (`right`)."""
     n = len(questions)
     in_format = sum(parse_reply(r) is not None for r in replies)
-    correct = sum(q.answered_by(r) for q, r in zip(questions, replies))
-    return {"format": in_format / n, "correct": correct / n}
+    right = sum(q.answered_by(r) for q, r in zip(questions, replies))
+    return {"format": in_format / n, "correct": right / n, "right": right}
 
 
 def compare(model, tokenizer, output_dir: str | Path | None = None, max_new_tokens: int = 48) -> str:
@@ -413,10 +413,9 @@ def comparison_table(
     ]
     if general:
         # Counts beside the shares: a question or two either way rounds to the same percent.
-        gb, gt = (sum(map(Question.answered_by, general, replies)) for replies in (general_base, general_tuned))
-        n = len(general)
+        gb, gt = score(general, general_base), score(general, general_tuned)
         lines.append(
-            f"general knowledge kept (right):    base {gb / n:.0%} ({gb})  ->  tuned {gt / n:.0%} ({gt})  "
-            f"({n} questions unlike the training data)"
+            f"general knowledge kept (right):    base {gb['correct']:.0%} ({gb['right']})  ->  "
+            f"tuned {gt['correct']:.0%} ({gt['right']})  ({len(general)} questions unlike the training data)"
         )
     return "\n".join(lines)

@@ -218,7 +218,7 @@ def test_demo_score_counts_the_format_and_the_facts():
         '{"topic": "science", "answer": "It freezes at 100 degrees."}',
         "Kiev is the capital.",
     ]
-    assert score([lima, whale, freeze, kyiv], replies) == {"format": 0.5, "correct": 0.75}
+    assert score([lima, whale, freeze, kyiv], replies) == {"format": 0.5, "correct": 0.75, "right": 3}
     lviv = '{"topic": "geography", "answer": "Lviv"}'
-    assert score([lima, kyiv], ["Lima, Peru", lviv]) == {"format": 0.5, "correct": 0.5}
+    assert score([lima, kyiv], ["Lima, Peru", lviv]) == {"format": 0.5, "correct": 0.5, "right": 1}
     assert parse_reply('{"answer": "Lima"}') is None and parse_reply('{"topic": "x", "answer": 3}') is None
