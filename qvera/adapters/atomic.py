@@ -211,7 +211,13 @@ def _publish(staging: Path, folder: Path) -> None:
 
 
 def _check_replaceable(folder: Path, replaceable: set[str] | None) -> None:
-    if folder.exists() and not folder.is_dir():
+    # One stat: exists() then is_dir() read a folder that another writer's two renames took
+    # away between them as a file.
+    try:
+        is_file = not stat.S_ISDIR(folder.stat().st_mode)
+    except FileNotFoundError:
+        is_file = False
+    if is_file:
         raise ValueError(f"{folder} is a file; give a folder path to write to")
     try:
         present = {p.name for p in folder.iterdir()}
